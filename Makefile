@@ -1,0 +1,36 @@
+# Plain runner. `make demo` and `make test` do all set-up on a fresh machine (Python >= 3.11 and pip needed).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev,sevenn
+STAMP  := $(VENV)/.installed-$(EXTRAS)
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install test test-all demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the CPU build (any other request pulls GBs of CUDA packages); the rest keep it.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+demo: $(STAMP)
+	$(VENV)/bin/mfhull demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline flows tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .prefect

@@ -1,0 +1,105 @@
+"""Arrow schemas of every file the pipeline writes, documented field by field (with units).
+
+Conventions (enforced by the converters in :mod:`pipeline.frames` and :mod:`pipeline.entries`):
+
+* Lengths in Angstrom, energies in eV, forces in eV/Angstrom, stresses in eV/Angstrom^3.
+* ``energy`` of a frame is the RAW total energy of the whole cell as the DFT code printed it (no MP2020 or
+  any other correction).
+* **Stress sign convention: ASE / physics (tensile positive).** ``stress = (1/V) dE/d(strain)``: a cell that is
+  compressed (wants to expand) has a NEGATIVE stress. VASP (and MP task documents, in kBar) print the opposite
+  sign; importers convert with :func:`pipeline.units.vasp_kbar_to_ase_stress`.
+* Fidelity is a plain lower-case string naming the level of theory AND its energy scale, e.g. ``pbe`` and
+  ``r2scan`` for Materials Project (VASP, MP input sets), ``gpaw-pbe`` / ``gpaw-r2scan`` for the project's own
+  GPAW labels. Energies of different fidelities are never mixed without a reference shift.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+VEC3 = pa.list_(pa.float64(), 3)
+MAT3 = pa.list_(VEC3, 3)
+
+
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+
+
+FRAMES_SCHEMA = pa.schema(
+    [
+        _f("frame_id", pa.string(), "Unique key: '<source>:<record id>[:<ionic step>]' or a content hash.", False),
+        _f("material_id", pa.string(), "Materials Project id (mp-...) or other material id; null if unknown."),
+        _f("task_id", pa.string(), "Calculation (task) id the frame comes from; null if unknown."),
+        _f("source", pa.string(), "Where the frame came from: mptrj-extxyz, mp-task, mp-api, ase-db, gpaw, ...", False),
+        _f("fidelity", pa.string(), "Level of theory + energy scale: pbe, r2scan, gpaw-pbe, gpaw-r2scan, ...", False),
+        _f("numbers", pa.list_(pa.int32()), "Atomic numbers, one per atom.", False),
+        _f("positions", pa.list_(VEC3), "Cartesian positions (Angstrom), n_atoms x 3.", False),
+        _f("cell", MAT3, "Lattice vectors as rows (Angstrom), 3 x 3.", False),
+        _f("pbc", pa.list_(pa.bool_(), 3), "Periodic boundary conditions along each lattice vector.", False),
+        _f("energy", pa.float64(), "Raw (uncorrected) total energy of the cell (eV); null when missing."),
+        _f("forces", pa.list_(VEC3), "Forces (eV/Angstrom), n_atoms x 3; null when missing."),
+        _f("stress", MAT3, "Stress (eV/Angstrom^3), 3 x 3, ASE sign convention (compressed cell < 0); null when missing."),
+        _f("has_energy", pa.bool_(), "Mask: energy label present.", False),
+        _f("has_forces", pa.bool_(), "Mask: forces label present.", False),
+        _f("has_stress", pa.bool_(), "Mask: stress label present.", False),
+        _f("magmoms", pa.list_(pa.float64()), "Magnetic moments per atom (Bohr magneton); null when missing."),
+        _f("run_type", pa.string(), "Functional as MP names it: GGA, GGA+U, R2SCAN, PBE, ...; null if unknown."),
+        _f("calc_type", pa.string(), "MP calc type, e.g. 'GGA+U Structure Optimization'; null if unknown."),
+        _f("ionic_step", pa.int32(), "Index of the ionic step in its trajectory; null for a single point."),
+        _f("meta", pa.string(), "JSON object with any other provenance (software versions, settings, info keys)."),
+    ],
+    metadata={"name": "frames", "schema_version": SCHEMA_VERSION},
+)
+
+ENTRIES_SCHEMA = pa.schema(
+    [
+        _f("entry_id", pa.string(), "Key: pymatgen entry_id (e.g. 'mp-841-R2SCAN') or '<material>-<run type>'.", False),
+        _f("thermo_type", pa.string(),
+           "Thermo type the correction belongs to: GGA_GGA+U, R2SCAN, GGA_GGA+U_R2SCAN, or 'raw'.", False),
+        _f("material_id", pa.string(), "Materials Project id (mp-...) or other material id; null if unknown."),
+        _f("source", pa.string(), "Where the entry came from: mp-api, entries-json, res, matpes, gpaw, ...", False),
+        _f("fidelity", pa.string(), "pbe, r2scan, gpaw-pbe, ... (see module doc).", False),
+        _f("run_type", pa.string(), "GGA, GGA+U, R2SCAN, ...; null if unknown."),
+        _f("formula", pa.string(), "Reduced formula, e.g. 'Li2O'.", False),
+        _f("chemsys", pa.string(), "Sorted element symbols joined by '-', e.g. 'Li-O'.", False),
+        _f("composition", pa.string(), "JSON object element -> amount in the cell.", False),
+        _f("nsites", pa.int32(), "Number of sites in the structure (or atoms in the composition).", False),
+        _f("structure", pa.string(), "pymatgen Structure.as_dict() as JSON; null for a ComputedEntry with no structure."),
+        _f("uncorrected_energy", pa.float64(), "Raw total energy (eV) of the cell.", False),
+        _f("correction", pa.float64(), "Sum of energy adjustments (eV).", False),
+        _f("energy", pa.float64(), "Corrected total energy = uncorrected_energy + correction (eV).", False),
+        _f("energy_per_atom", pa.float64(), "Corrected energy per atom (eV/atom).", False),
+        _f("energy_adjustments", pa.string(), "JSON list of pymatgen EnergyAdjustment dicts (MontyEncoder)."),
+        _f("parameters", pa.string(), "JSON of entry.parameters (run_type, hubbards, is_hubbard, potcar_spec...)."),
+        _f("data", pa.string(), "JSON of entry.data (task_id, oxide_type, aspherical, ...)."),
+        _f("entry_class", pa.string(), "pymatgen class: ComputedStructureEntry or ComputedEntry.", False),
+        _f("meta", pa.string(), "JSON object with other provenance (file name, snapshot id, ...)."),
+    ],
+    metadata={"name": "entries", "schema_version": SCHEMA_VERSION},
+)
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        _f("record_id", pa.string(), "Id of the record that could not be imported (file:index or document id).", False),
+        _f("source", pa.string(), "Importer / source name.", False),
+        _f("error", pa.string(), "Why the record was rejected.", False),
+    ],
+    metadata={"name": "rejects", "schema_version": SCHEMA_VERSION},
+)
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "frames": ("frame_id",),
+    "entries": ("entry_id", "thermo_type"),
+    "rejects": ("record_id", "source"),
+}
+
+
+def describe(schema: pa.Schema) -> str:
+    """Markdown table of a schema's fields (name, type, nullable, doc) for the README."""
+    rows = ["| field | type | nullable | meaning |", "|---|---|---|---|"]
+    for field in schema:
+        doc = (field.metadata or {}).get(b"doc", b"").decode()
+        rows.append(f"| `{field.name}` | `{field.type}` | {'yes' if field.nullable else 'no'} | {doc} |")
+    return "\n".join(rows)
