@@ -103,3 +103,19 @@ def describe(schema: pa.Schema) -> str:
         doc = (field.metadata or {}).get(b"doc", b"").decode()
         rows.append(f"| `{field.name}` | `{field.type}` | {'yes' if field.nullable else 'no'} | {doc} |")
     return "\n".join(rows)
+
+
+ALL_SCHEMAS: dict[str, pa.Schema] = {"frames": FRAMES_SCHEMA, "entries": ENTRIES_SCHEMA, "rejects": REJECTS_SCHEMA}
+
+
+def markdown(schemas: dict[str, pa.Schema] | None = None) -> str:
+    """All schemas as Markdown sections (the README's schema part is generated from this)."""
+    parts = []
+    for name, schema in (schemas or ALL_SCHEMAS).items():
+        key = ", ".join(f"`{k}`" for k in KEYS.get(name, ()))
+        parts.append(f"### {name}\n\nKey: {key}\n\n{describe(schema)}\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(markdown())

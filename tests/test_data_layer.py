@@ -109,3 +109,12 @@ def test_fidelity_from_run_type():
     assert fidelity_from_run_type("GGA+U") == "pbe"
     with pytest.raises(RecordError, match="unknown run_type"):
         fidelity_from_run_type("HF")
+
+
+def test_readme_schema_section_is_in_sync():
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.schema import markdown
+
+    text = (PROJECT_ROOT / "README.md").read_text()
+    section = text.split("<!-- schema:begin -->\n", 1)[1].split("<!-- schema:end -->", 1)[0]
+    assert section.strip() == markdown().strip(), "README schema section is stale: run python -m pipeline.schema"
