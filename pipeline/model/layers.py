@@ -1,0 +1,221 @@
+"""Building blocks of the potential: radial basis, smooth cutoffs, fidelity-conditioned linears, the e3nn
+tensor-product convolution and the NequIP-style interaction block.
+
+All equivariant algebra is e3nn's (``o3.Linear``, ``o3.TensorProduct``, ``o3.SphericalHarmonics``,
+``nn.Gate``, ``nn.FullyConnectedNet``). Written by hand here only what e3nn does not ship: the Bessel basis,
+the two cutoff envelopes and the per-edge message passing (gather, tensor product, scatter-sum).
+The layer layout (irreps order, instruction order, where the fidelity one-hot enters) is the one of
+SevenNet-MF so that its published weights map one to one (see :mod:`pipeline.model.sevenn_import`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import nn as e3nn_nn
+from e3nn import o3
+from torch import nn
+
+__all__ = [
+    "BesselBasis",
+    "XPLORCutoff",
+    "PolynomialCutoff",
+    "FidelityLinear",
+    "Convolution",
+    "InteractionBlock",
+]
+
+
+class BesselBasis(nn.Module):
+    """``(2 / r_c) sin(n pi r / r_c) / r`` for n = 1..num_basis (frequencies trainable or fixed).
+
+    Hand-written: a three-line formula not exposed by e3nn (e3nn's ``soft_one_hot_linspace`` 'bessel' has no
+    trainable frequencies)."""
+
+    def __init__(self, cutoff: float, num_basis: int = 8, trainable: bool = True) -> None:
+        super().__init__()
+        self.prefactor = 2.0 / cutoff
+        freq = torch.tensor([n * math.pi / cutoff for n in range(1, num_basis + 1)])
+        self.freq = nn.Parameter(freq, requires_grad=trainable)
+        self.num_basis = num_basis
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        r = r.unsqueeze(-1)
+        return self.prefactor * torch.sin(self.freq * r) / r
+
+
+class XPLORCutoff(nn.Module):
+    """XPLOR switching function: 1 below ``r_on``, a smooth polynomial to 0 at ``r_cut`` (C1 at both ends)."""
+
+    def __init__(self, cutoff: float, cutoff_on: float) -> None:
+        super().__init__()
+        self.r_on = float(cutoff_on)
+        self.r_cut = float(cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        r2 = r * r
+        on2, cut2 = self.r_on**2, self.r_cut**2
+        switch = (cut2 - r2) ** 2 * (cut2 + 2 * r2 - 3 * on2) / (cut2 - on2) ** 3
+        return torch.where(r < self.r_on, torch.ones_like(r), switch)
+
+
+class PolynomialCutoff(nn.Module):
+    """DimeNet polynomial envelope of order ``p`` (arXiv 2003.03123): 1 at r=0, smooth 0 at the cutoff."""
+
+    def __init__(self, cutoff: float, p: int = 6) -> None:
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.p = float(p)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        x = r / self.cutoff
+        p = self.p
+        return (
+            1.0
+            - (p + 1.0) * (p + 2.0) / 2.0 * x**p
+            + p * (p + 2.0) * x ** (p + 1.0)
+            - p * (p + 1.0) / 2.0 * x ** (p + 2.0)
+        )
+
+
+class FidelityLinear(nn.Module):
+    """e3nn ``Linear`` whose input is the node features with the fidelity one-hot appended as scalars.
+
+    With ``num_fidelities`` = 0 it is a plain equivariant linear. The one-hot gives every fidelity its own
+    learned bias on the scalar outputs (SevenNet-MF)."""
+
+    def __init__(self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, num_fidelities: int = 0) -> None:
+        super().__init__()
+        self.num_fidelities = num_fidelities
+        full_in = o3.Irreps(irreps_in) + o3.Irreps(f"{num_fidelities}x0e") if num_fidelities else o3.Irreps(irreps_in)
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        self.linear = o3.Linear(full_in, self.irreps_out, biases=False)
+
+    def forward(self, x: torch.Tensor, fidelity_onehot: torch.Tensor | None) -> torch.Tensor:
+        if self.num_fidelities:
+            x = torch.cat([x, fidelity_onehot.to(x.dtype)], dim=1)
+        return self.linear(x)
+
+
+def conv_irreps_mid(
+    irreps_in: o3.Irreps, irreps_sh: o3.Irreps, allowed: o3.Irreps
+) -> tuple[o3.Irreps, list[tuple[int, int, int, str, bool]], list[tuple[int, int, int, str, bool]]]:
+    """Output irreps and 'uvu' instructions of the convolution tensor product, in SevenNet's order: one path per
+    (input irrep, filter irrep, product irrep in ``allowed``), multiplicity of the input, sorted by irrep.
+
+    Returns (irreps_mid, instructions sorted by output, the same instructions in creation order); checkpoints of
+    SevenNet < 0.11 store the radial-MLP output columns in creation order."""
+    allowed_set = {ir for _, ir in o3.Irreps(allowed)}
+    mid, instructions = [], []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_sh) in enumerate(irreps_sh):
+            for ir_out in ir_in * ir_sh:
+                if ir_out in allowed_set:
+                    instructions.append((i, j, len(mid), "uvu", True))
+                    mid.append((mul, ir_out))
+    irreps_mid, perm, _ = o3.Irreps(mid).sort()
+    created = [(a, b, perm[k], m, t) for a, b, k, m, t in instructions]
+    return irreps_mid, sorted(created, key=lambda ins: ins[2]), created
+
+
+class Convolution(nn.Module):
+    """Message passing: m_i = sum_j TP(x_j, Y(r_ij); MLP(radial(r_ij))) / avg_num_neighbors."""
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        allowed_out: o3.Irreps,
+        radial_layers: list[int],
+        avg_num_neighbors: float,
+    ) -> None:
+        super().__init__()
+        self.irreps_mid, instructions, self.instructions_created = conv_irreps_mid(irreps_in, irreps_sh, allowed_out)
+        self.tp = o3.TensorProduct(
+            irreps_in, irreps_sh, self.irreps_mid, instructions, shared_weights=False, internal_weights=False
+        )
+        self.radial_mlp = e3nn_nn.FullyConnectedNet(radial_layers + [self.tp.weight_numel], torch.nn.functional.silu)
+        self.avg_num_neighbors = float(avg_num_neighbors)
+
+    def forward(
+        self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
+        neighbor: torch.Tensor,
+    ) -> torch.Tensor:
+        weight = self.radial_mlp(edge_radial)
+        message = self.tp(x[neighbor], edge_sh, weight)
+        out = torch.zeros(x.shape[0], message.shape[1], dtype=message.dtype, device=message.device)
+        out.index_add_(0, center, message)
+        return out / self.avg_num_neighbors
+
+
+def _gate(irreps_out: o3.Irreps) -> e3nn_nn.Gate:
+    """Gate for ``irreps_out``: scalars through SiLU (even) / tanh (odd), l > 0 gated by extra scalars."""
+    acts = {1: torch.nn.functional.silu, -1: torch.tanh}
+    scalars = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l == 0])
+    gated = o3.Irreps([(mul, ir) for mul, ir in irreps_out if ir.l > 0])
+    gate_parity = 1 if o3.Irrep("0e") in [ir for _, ir in scalars] else -1
+    gates = o3.Irreps([(mul, (0, gate_parity)) for mul, _ in gated])
+    return e3nn_nn.Gate(
+        scalars, [acts[ir.p] for _, ir in scalars], gates, [acts[ir.p] for _, ir in gates], gated
+    )
+
+
+class InteractionBlock(nn.Module):
+    """NequIP/SevenNet interaction: sc = SC(x); x = Lin_pre([x, fid]); x = Conv(x); x = Lin_post([x, fid]) + sc;
+    x = Gate(x)."""
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        num_species: int,
+        num_fidelities: int,
+        radial_layers: list[int],
+        avg_num_neighbors: float,
+        self_connection: str,
+        fidelity_pre: bool,
+        fidelity_post: bool,
+        last: bool,
+    ) -> None:
+        super().__init__()
+        irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+        self.gate = _gate(irreps_out)
+        gate_in = self.gate.irreps_in
+        if self_connection == "linear":
+            self.self_connection: nn.Module = o3.Linear(irreps_in, gate_in, biases=False)
+        else:
+            self.self_connection = o3.FullyConnectedTensorProduct(irreps_in, o3.Irreps(f"{num_species}x0e"), gate_in)
+        self.self_connection_kind = self_connection
+        self.pre = FidelityLinear(irreps_in, irreps_in, num_fidelities if fidelity_pre else 0)
+        # which product irreps the convolution keeps: l <= lmax of the output (scalars only in the last layer)
+        full = o3.FullTensorProduct(irreps_in, irreps_sh).irreps_out.simplify()
+        lmax_out = irreps_out.lmax
+        allowed = [
+            (mul, ir) for mul, ir in full
+            if ir.l <= lmax_out and (not last or (ir.l == 0 and ir.p == 1))
+        ]
+        self.conv = Convolution(irreps_in, irreps_sh, o3.Irreps(allowed), radial_layers, avg_num_neighbors)
+        self.post = FidelityLinear(self.conv.irreps_mid, gate_in, num_fidelities if fidelity_post else 0)
+        self.irreps_in, self.irreps_out = irreps_in, self.gate.irreps_out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        species_onehot: torch.Tensor,
+        fidelity_onehot: torch.Tensor | None,
+        edge_sh: torch.Tensor,
+        edge_radial: torch.Tensor,
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.self_connection_kind == "linear":
+            sc = self.self_connection(x)
+        else:
+            sc = self.self_connection(x, species_onehot)
+        x = self.pre(x, fidelity_onehot)
+        x = self.conv(x, edge_sh, edge_radial, center, neighbor)
+        x = self.post(x, fidelity_onehot) + sc
+        return self.gate(x)
