@@ -66,7 +66,9 @@ def test_final_step_energy_is_mp_output_energy(li_fe_v, mp_file):
     for rel, docs in ((LI_FE_V, li_fe_v), (SIC, load_task_docs(mp_file(SIC)))):
         rows = import_task_docs(docs).rows
         for doc in docs:
-            assert _last_frame(rows, doc["task_id"])["energy"] == pytest.approx(final_step_energy(doc), abs=1e-7), rel
+            assert _last_frame(rows, doc["task_id"])["energy"] == pytest.approx(
+                final_step_energy(doc), abs=1e-7
+            ), rel
 
 
 def test_vasp_e0_bug_is_repaired(li_fe_v):
@@ -92,7 +94,9 @@ def test_sigma0_rules():
     assert sigma0_energy(-10.0, -10.01, -10.02, None, 2) == (-10.01, "e_0_energy")
     assert sigma0_energy(-10.0, -0.003, -10.02, None, 2) == (-10.02, "e_wo_entrp")
     assert sigma0_energy(-10.0, None, None, None, 2) == (-10.0, "e_fr_energy")
-    assert sigma0_energy(-10.0, 0.0, 0.0, {"e_0_energy": -9.5, "e_fr_energy": -9.6}, 2)[0] == pytest.approx(-9.9)
+    assert sigma0_energy(-10.0, 0.0, 0.0, {"e_0_energy": -9.5, "e_fr_energy": -9.6}, 2)[0] == pytest.approx(
+        -9.9
+    )
 
 
 def test_stress_units_and_sign(li_fe_v):
@@ -120,7 +124,9 @@ def test_stress_sign_physics_on_relaxations(which, lu_vasprun, mp_file):
     assert {r["fidelity"] for r in rows} == {"r2scan"}
     for a, b in itertools.pairwise(rows):
         cell_a, cell_b = np.asarray(a["cell"]), np.asarray(b["cell"])
-        deformation = np.linalg.solve(cell_a, cell_b)  # rows are lattice vectors: cell_b = cell_a @ deformation
+        deformation = np.linalg.solve(
+            cell_a, cell_b
+        )  # rows are lattice vectors: cell_b = cell_a @ deformation
         strain = 0.5 * (deformation + deformation.T) - np.eye(3)
         work = abs(np.linalg.det(cell_a)) * np.sum(np.asarray(a["stress"]) * strain)
         assert b["energy"] < a["energy"]
@@ -137,7 +143,9 @@ def test_vasprun_and_its_mp_trajectory_give_the_same_frames(lu_vasprun, mp_file)
     direct = import_vasprun(decode_hex_gz_bundle(mp_file(LU))["vasprun.xml"], "mp-lu")
     assert direct.n_rejected == 0
     assert direct.rows[-1]["energy"] == pytest.approx(lu_vasprun.final_energy, abs=1e-8)
-    traj = RelaxTrajectory.from_vasprun(lu_vasprun, identifier="mp-lu", run_type=lu_vasprun.run_type).model_dump()
+    traj = RelaxTrajectory.from_vasprun(
+        lu_vasprun, identifier="mp-lu", run_type=lu_vasprun.run_type
+    ).model_dump()
     rows, rejects = trajectory_frames(traj)
     assert not rejects and [r["frame_id"] for r in rows] == [f"mp-traj:mp-lu:{i}" for i in range(6)]
     for a, b in zip(rows, direct.rows, strict=True):
@@ -201,8 +209,13 @@ def test_bad_steps_and_docs_are_rejected_and_the_rest_kept(li_fe_v, mp_file):
     errors = {r["record_id"]: r["error"] for r in result.rejects}
     n_last = len(steps)
     tid = good["task_id"]
-    assert set(errors) == {f"mp-task:{tid}:1:0", f"mp-task:{tid}:1:1", "docs:1", li_fe_v[0]["task_id"],
-                           f"mp-task:{li_fe_v[1]['task_id']}:0:0"}
+    assert set(errors) == {
+        f"mp-task:{tid}:1:0",
+        f"mp-task:{tid}:1:1",
+        "docs:1",
+        li_fe_v[0]["task_id"],
+        f"mp-task:{li_fe_v[1]['task_id']}:0:0",
+    }
     assert "forces shape" in errors[f"mp-task:{tid}:1:0"]
     assert "energy is NaN" in errors[f"mp-task:{tid}:1:1"]
     assert "task_id" in errors["docs:1"] and "calcs_reversed" in errors[li_fe_v[0]["task_id"]]
@@ -216,7 +229,11 @@ def test_bad_steps_and_docs_are_rejected_and_the_rest_kept(li_fe_v, mp_file):
 
 def test_bad_file_is_one_reject(tmp_path):
     path = tmp_path / "broken.json"
-    path.write_text('[{"task_id": "mp-1", "calcs_reversed": [{"output": {"ionic_steps": [{"structure": 5}]}}]}]')
+    path.write_text(
+        '[{"task_id": "mp-1", "calcs_reversed": [{"output": {"ionic_steps": [{"structure": 5}]}}]}]'
+    )
     result = import_task_docs(path)
     assert result.n_ok == 0 and [r["record_id"] for r in result.rejects] == ["mp-task:mp-1:0:0"]
-    assert task_doc_frames({"task_id": "mp-2", "calcs_reversed": [{"output": {}}]})[1][0][0] == "mp-task:mp-2:0"
+    assert (
+        task_doc_frames({"task_id": "mp-2", "calcs_reversed": [{"output": {}}]})[1][0][0] == "mp-task:mp-2:0"
+    )

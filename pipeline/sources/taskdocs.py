@@ -100,7 +100,11 @@ def _get(obj: Any, key: str, default: Any = None) -> Any:
 
 
 def sigma0_energy(
-    e_fr: float | None, e_0: float | None, e_wo: float | None, last_estep: Mapping[str, Any] | None, n_atoms: int
+    e_fr: float | None,
+    e_0: float | None,
+    e_wo: float | None,
+    last_estep: Mapping[str, Any] | None,
+    n_atoms: int,
 ) -> tuple[float | None, str]:
     """Sigma->0 total energy of one ionic step, and which rule gave it.
 
@@ -123,9 +127,12 @@ def sigma0_energy(
     return None, "missing"
 
 
-def _step_energy(step: Mapping[str, Any], n_atoms: int, energy: EnergyLabel) -> tuple[float | None, dict[str, Any]]:
-    e_fr, e_0, e_wo = (None if step.get(k) is None else float(step[k]) for k in ("e_fr_energy", "e_0_energy",
-                                                                                  "e_wo_entrp"))
+def _step_energy(
+    step: Mapping[str, Any], n_atoms: int, energy: EnergyLabel
+) -> tuple[float | None, dict[str, Any]]:
+    e_fr, e_0, e_wo = (
+        None if step.get(k) is None else float(step[k]) for k in ("e_fr_energy", "e_0_energy", "e_wo_entrp")
+    )
     esteps = step.get("electronic_steps") or []
     last = _plain(esteps[-1]) if esteps else None
     if energy == "free":
@@ -148,8 +155,14 @@ class _Context:
     meta: dict[str, Any]
 
 
-def _step_row(frame_id: str, step_index: int, structure: Structure, step: Mapping[str, Any], ctx: _Context,
-              energy: EnergyLabel) -> dict[str, Any]:
+def _step_row(
+    frame_id: str,
+    step_index: int,
+    structure: Structure,
+    step: Mapping[str, Any],
+    ctx: _Context,
+    energy: EnergyLabel,
+) -> dict[str, Any]:
     fidelity = fidelity_from_run_type(ctx.run_type)
     if not structure.is_ordered:
         raise RecordError("disordered structure")
@@ -158,12 +171,22 @@ def _step_row(frame_id: str, step_index: int, structure: Structure, step: Mappin
     stress = step.get("stress")
     magmoms = structure.site_properties.get("magmom")
     return frame_row(
-        frame_id=frame_id, source=ctx.source, fidelity=fidelity,
-        numbers=structure.atomic_numbers, positions=structure.cart_coords, cell=structure.lattice.matrix,
-        energy=value, forces=step.get("forces"),
+        frame_id=frame_id,
+        source=ctx.source,
+        fidelity=fidelity,
+        numbers=structure.atomic_numbers,
+        positions=structure.cart_coords,
+        cell=structure.lattice.matrix,
+        energy=value,
+        forces=step.get("forces"),
         stress=None if stress is None else vasp_kbar_to_ase_stress(stress),
-        magmoms=magmoms, material_id=ctx.material_id, task_id=ctx.task_id, run_type=ctx.run_type,
-        calc_type=ctx.calc_type, ionic_step=step_index, meta={**ctx.meta, **info},
+        magmoms=magmoms,
+        material_id=ctx.material_id,
+        task_id=ctx.task_id,
+        run_type=ctx.run_type,
+        calc_type=ctx.calc_type,
+        ionic_step=step_index,
+        meta={**ctx.meta, **info},
     )
 
 
@@ -198,9 +221,19 @@ def task_doc_frames(
             continue
         run_type = normalize_run_type(_text(calc.get("run_type")) or doc_run_type)
         calc_type = _text(calc.get("calc_type")) or (doc_calc_type if is_last else None)
-        ctx = _Context(task_id=task_id, material_id=mid, source=source, run_type=run_type, calc_type=calc_type,
-                       meta={"calc_index": calc_index, "n_calcs": n_calcs, "vasp_version": calc.get("vasp_version"),
-                             "task_type": _text(calc.get("task_type"))})
+        ctx = _Context(
+            task_id=task_id,
+            material_id=mid,
+            source=source,
+            run_type=run_type,
+            calc_type=calc_type,
+            meta={
+                "calc_index": calc_index,
+                "n_calcs": n_calcs,
+                "vasp_version": calc.get("vasp_version"),
+                "task_type": _text(calc.get("task_type")),
+            },
+        )
         for i, step in enumerate(steps):
             frame_id = f"{prefix}:{i}"
             try:
@@ -211,8 +244,9 @@ def task_doc_frames(
     return rows, rejects
 
 
-def task_doc_to_frames(doc: Any, *, material_id: str | None = None, energy: EnergyLabel = "sigma0",
-                       source: str = SOURCE_TASK) -> list[dict[str, Any]]:
+def task_doc_to_frames(
+    doc: Any, *, material_id: str | None = None, energy: EnergyLabel = "sigma0", source: str = SOURCE_TASK
+) -> list[dict[str, Any]]:
     """Frames of every ionic step of a task document (dict, emmet ``TaskDoc`` or mp-api document).
 
     Strict: raises :class:`RecordError` naming the first bad step. :func:`import_task_docs` is the lenient
@@ -226,7 +260,11 @@ def task_doc_to_frames(doc: Any, *, material_id: str | None = None, energy: Ener
 
 
 def trajectory_frames(
-    traj: Any, *, task_id: str | None = None, material_id: str | None = None, energy: EnergyLabel = "sigma0",
+    traj: Any,
+    *,
+    task_id: str | None = None,
+    material_id: str | None = None,
+    energy: EnergyLabel = "sigma0",
     source: str = SOURCE_TRAJ,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, Exception]]]:
     """Frames of an mp-api trajectory (dumped emmet ``RelaxTrajectory``), and (step id, error) of bad steps.
@@ -255,8 +293,14 @@ def trajectory_frames(
         raise RecordError(f"trajectory {tid}: need 1 or {n_steps} lattices, got {len(lattices or [])}")
     elements = [int(z) for z in traj.get("elements") or []]
     run_type = normalize_run_type(_text(traj.get("run_type")))
-    ctx = _Context(task_id=tid, material_id=material_id, source=source, run_type=run_type,
-                   calc_type=None, meta={"task_type": _text(traj.get("task_type"))})
+    ctx = _Context(
+        task_id=tid,
+        material_id=material_id,
+        source=source,
+        run_type=run_type,
+        calc_type=None,
+        meta={"task_type": _text(traj.get("task_type"))},
+    )
     rows, rejects = [], []
     for i in range(n_steps):
         frame_id = f"mp-traj:{tid}:{i}"
@@ -267,8 +311,11 @@ def trajectory_frames(
             structure = Structure(lattice, elements, coords[i], coords_are_cartesian=True)
             step = {
                 "e_0_energy": traj["energy"][i] if traj.get("energy") else None,
-                **{k: traj[k][i] for k in ("e_fr_energy", "e_wo_entrp", "forces", "stress", "electronic_steps")
-                   if traj.get(k)},
+                **{
+                    k: traj[k][i]
+                    for k in ("e_fr_energy", "e_wo_entrp", "forces", "stress", "electronic_steps")
+                    if traj.get(k)
+                },
             }
             rows.append(_step_row(frame_id, i, structure, step, ctx, energy))
         except Exception as exc:  # noqa: BLE001
@@ -296,11 +343,13 @@ def vasprun_to_task_doc(vasprun: Any, task_id: str, *, run_type: str | None = No
     """
     return {
         "task_id": task_id,
-        "calcs_reversed": [{
-            "run_type": run_type or vasprun.run_type,
-            "vasp_version": vasprun.vasp_version,
-            "output": {"ionic_steps": vasprun.ionic_steps, "energy": vasprun.final_energy},
-        }],
+        "calcs_reversed": [
+            {
+                "run_type": run_type or vasprun.run_type,
+                "vasp_version": vasprun.vasp_version,
+                "output": {"ionic_steps": vasprun.ionic_steps, "energy": vasprun.final_energy},
+            }
+        ],
     }
 
 
@@ -310,7 +359,12 @@ def read_vasprun(source: str | Path | bytes) -> Any:
 
     from pymatgen.io.vasp import Vasprun
 
-    kwargs = {"parse_dos": False, "parse_eigen": False, "parse_projected_eigen": False, "parse_potcar_file": False}
+    kwargs = {
+        "parse_dos": False,
+        "parse_eigen": False,
+        "parse_projected_eigen": False,
+        "parse_potcar_file": False,
+    }
     if isinstance(source, bytes):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "vasprun.xml"
@@ -347,7 +401,9 @@ def _records(path_or_docs: str | Path | Iterable[Any] | Mapping[str, Any]) -> It
 
 
 def import_task_docs(
-    path_or_docs: str | Path | Iterable[Any] | Mapping[str, Any], *, energy: EnergyLabel = "sigma0",
+    path_or_docs: str | Path | Iterable[Any] | Mapping[str, Any],
+    *,
+    energy: EnergyLabel = "sigma0",
     material_ids: Mapping[str, str] | None = None,
 ) -> ImportResult:
     """Frames of every ionic step of every task document; bad documents and bad steps become rejects.
@@ -358,7 +414,9 @@ def import_task_docs(
     result = ImportResult(SOURCE_TASK)
     for record_id, doc in _records(path_or_docs):
         try:
-            rows, rejects = task_doc_frames(doc, material_id=(material_ids or {}).get(record_id), energy=energy)
+            rows, rejects = task_doc_frames(
+                doc, material_id=(material_ids or {}).get(record_id), energy=energy
+            )
         except Exception as exc:  # noqa: BLE001 - a bad document is reported, the batch carries on
             result.reject(record_id, exc)
             continue
@@ -368,8 +426,14 @@ def import_task_docs(
     return result
 
 
-def import_vasprun(source: str | Path | bytes, task_id: str, *, run_type: str | None = None,
-                   material_id: str | None = None, energy: EnergyLabel = "sigma0") -> ImportResult:
+def import_vasprun(
+    source: str | Path | bytes,
+    task_id: str,
+    *,
+    run_type: str | None = None,
+    material_id: str | None = None,
+    energy: EnergyLabel = "sigma0",
+) -> ImportResult:
     """Frames of every ionic step of one vasprun.xml (file, .gz or bytes)."""
     result = ImportResult(SOURCE_TASK)
     try:
