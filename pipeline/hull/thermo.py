@@ -180,7 +180,8 @@ def correct_like_reference(entry: ComputedEntry, thermo_type: str, *, check_potc
     where new GGA(+U) materials take their MP2020 energies): MP2020 corrections, with MP's U values when the entry
     has no run type. Raises RecordError when pymatgen refuses the entry.
     """
-    check_thermo_type(thermo_type, None if thermo_type == RAW else THERMO_FIDELITY[thermo_type])
+    if thermo_type not in THERMO_TYPES:
+        raise ThermoError(f"unknown thermo type {thermo_type!r}; known: {THERMO_TYPES}")
     if thermo_type in (R2SCAN, RAW):
         return uncorrected(entry)
     compat = mp2020(check_potcar)
