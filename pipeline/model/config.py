@@ -24,7 +24,7 @@ def _all_elements() -> tuple[int, ...]:
 class ModelConfig:
     """All hyper-parameters; plain types only so that a checkpoint loads with ``weights_only=True``.
 
-    elements: atomic numbers in one-hot order. fidelities: fidelity names in one-hot order (lower case).
+    elements: atomic numbers (or symbols) in one-hot order. fidelities: fidelity names in one-hot order (lower case).
     hidden_irreps: node features between layers; None -> ``channels`` copies of every l <= lmax (parity
     as set by ``parity``). The first layer's input and the last layer's output are ``channels`` scalars.
     cutoff_function: 'xplor' (smooth switch from ``cutoff_on`` to ``cutoff``) or 'polynomial' (``poly_p``).
@@ -53,7 +53,11 @@ class ModelConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
+        try:
+            zs = tuple(atomic_numbers[z] if isinstance(z, str) else int(z) for z in self.elements)
+        except KeyError as exc:
+            raise ValueError(f"unknown element symbol {exc.args[0]!r} in elements") from exc
+        object.__setattr__(self, "elements", zs)
         object.__setattr__(self, "fidelities", tuple(str(f).strip().lower() for f in self.fidelities))
         object.__setattr__(self, "radial_hidden", tuple(int(h) for h in self.radial_hidden))
         object.__setattr__(self, "fidelity_in", tuple(self.fidelity_in))
