@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: install test test-all demo lint bench clean
 

@@ -89,10 +89,34 @@ REJECTS_SCHEMA = pa.schema(
     metadata={"name": "rejects", "schema_version": SCHEMA_VERSION},
 )
 
+RELAXATIONS_SCHEMA = pa.schema(
+    [
+        _f("candidate_id", pa.string(), "Id of the relaxed structure (candidate or reference phase).", False),
+        _f("model_id", pa.string(), "Id of the potential (checkpoint name + hash) that relaxed it.", False),
+        _f("fidelity", pa.string(), "Fidelity the potential was asked for.", False),
+        _f("role", pa.string(), "'candidate' or 'reference' (a reference phase re-computed by the model).", False),
+        _f("formula", pa.string(), "Reduced formula.", False),
+        _f("chemsys", pa.string(), "Sorted elements joined by '-'.", False),
+        _f("nsites", pa.int32(), "Number of atoms.", False),
+        _f("structure_initial", pa.string(), "pymatgen Structure JSON before relaxation.", False),
+        _f("structure", pa.string(), "pymatgen Structure JSON after relaxation; null if it failed."),
+        _f("energy", pa.float64(), "Model total energy of the relaxed cell (eV); null if it failed."),
+        _f("energy_per_atom", pa.float64(), "Model energy per atom (eV/atom); null if it failed."),
+        _f("fmax", pa.float64(), "Largest residual atomic force at the end (eV/Angstrom)."),
+        _f("smax", pa.float64(), "Largest residual stress component at the end (eV/Angstrom^3)."),
+        _f("n_steps", pa.int32(), "Optimizer steps taken."),
+        _f("status", pa.string(), "'converged', 'not_converged' (step limit reached) or 'failed'.", False),
+        _f("error", pa.string(), "Error message when status is 'failed'."),
+        _f("wall_s", pa.float64(), "Wall time of the relaxation (s)."),
+    ],
+    metadata={"name": "relaxations", "schema_version": SCHEMA_VERSION},
+)
+
 KEYS: dict[str, tuple[str, ...]] = {
     "frames": ("frame_id",),
     "entries": ("entry_id", "thermo_type"),
     "rejects": ("record_id", "source"),
+    "relaxations": ("candidate_id", "model_id", "fidelity"),
 }
 
 
@@ -105,7 +129,12 @@ def describe(schema: pa.Schema) -> str:
     return "\n".join(rows)
 
 
-ALL_SCHEMAS: dict[str, pa.Schema] = {"frames": FRAMES_SCHEMA, "entries": ENTRIES_SCHEMA, "rejects": REJECTS_SCHEMA}
+ALL_SCHEMAS: dict[str, pa.Schema] = {
+    "frames": FRAMES_SCHEMA,
+    "entries": ENTRIES_SCHEMA,
+    "rejects": REJECTS_SCHEMA,
+    "relaxations": RELAXATIONS_SCHEMA,
+}
 
 
 def markdown(schemas: dict[str, pa.Schema] | None = None) -> str:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Small-matrix BLAS calls (ASE cell filters, pymatgen) slow down 30x when OpenBLAS threads fight other processes
+# for 2 cores; set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 
 import pytest
