@@ -1,5 +1,11 @@
 """Reference hulls (pymatgen phase diagrams per thermo type), E_hull of predictions, and candidate structures."""
 
+from pipeline.hull.candidates import (
+    CANDIDATES_SCHEMA,
+    candidates_table,
+    read_candidate_files,
+    substitute_prototypes,
+)
 from pipeline.hull.ehull import HULL_DFT, HULL_MODEL, e_above_hull, model_reference_hull, prediction_entry
 from pipeline.hull.phase_diagram import ReferenceHull, build_reference_hull, build_reference_hulls
 from pipeline.hull.thermo import (
@@ -15,6 +21,7 @@ from pipeline.hull.thermo import (
 )
 
 __all__ = [
+    "CANDIDATES_SCHEMA",
     "GGA_GGA_U",
     "GGA_GGA_U_R2SCAN",
     "HULL_DFT",
@@ -27,9 +34,12 @@ __all__ = [
     "ThermoError",
     "build_reference_hull",
     "build_reference_hulls",
+    "candidates_table",
     "correct_like_reference",
     "e_above_hull",
     "model_reference_hull",
     "prediction_entry",
+    "read_candidate_files",
+    "substitute_prototypes",
     "thermo_entries",
 ]
