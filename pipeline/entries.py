@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 from monty.json import MontyDecoder, MontyEncoder
-from pymatgen.core import Structure
+from pymatgen.core import Element, Structure
 from pymatgen.core.entries import ComputedEntry, ComputedStructureEntry
 
 from pipeline.frames import RecordError
@@ -67,7 +67,8 @@ def entry_to_row(
     if comp.num_atoms <= 0:
         raise RecordError("empty composition")
     for el in comp.elements:
-        if getattr(el, "Z", None) is None or not hasattr(el, "symbol"):
+        # pymatgen parses unknown symbols as DummySpecies (with a made-up Z), so check the symbol itself
+        if not Element.is_valid_symbol(getattr(el, "symbol", "")):
             raise RecordError(f"unknown element {el}")
     e0 = float(entry.uncorrected_energy)
     if not math.isfinite(e0):
