@@ -1,0 +1,127 @@
+"""Training data: frames (FRAMES_SCHEMA rows) -> per-frame graphs and masked labels, collated into batches.
+
+Graphs (neighbour lists) are built once per frame and re-batched every epoch. Labels that a frame lacks, or
+that the label policy switches off for its fidelity (e.g. energies only at the high fidelity, as in Messerly et
+al., arXiv 2505.01590), are masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.graphs import Graph, batch_graphs, frame_rows_to_graph
+
+LABELS = ("energy", "forces", "stress")
+
+
+@dataclass
+class Labels:
+    """Per-structure energy (B,) eV and stress (B, 3, 3) eV/A^3, per-atom forces (N, 3) eV/A, with masks."""
+
+    energy: torch.Tensor
+    has_energy: torch.Tensor
+    forces: torch.Tensor
+    has_forces: torch.Tensor  # (N,) per atom
+    stress: torch.Tensor
+    has_stress: torch.Tensor
+    n_atoms: torch.Tensor
+    fidelity: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Labels:
+        def conv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        return Labels(**{k: conv(v) for k, v in self.__dict__.items()})
+
+
+def label_policy_mask(fidelity: str, policy: Mapping[str, Sequence[str]] | None, label: str) -> bool:
+    """Whether ``label`` of a frame at ``fidelity`` is used (no policy or fidelity not listed: all labels)."""
+    if not policy or fidelity not in policy:
+        return True
+    return label in policy[fidelity]
+
+
+class FrameData:
+    """Frames prepared for training a model with the given cutoff and fidelity order."""
+
+    def __init__(
+        self,
+        frames: pa.Table,
+        cutoff: float,
+        fidelities: Sequence[str],
+        label_policy: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        rows = frames.to_pylist()
+        if not rows:
+            raise ValueError("no frames to train on")
+        unknown = {lab for labs in (label_policy or {}).values() for lab in labs} - set(LABELS)
+        if unknown:
+            raise ValueError(f"unknown labels in label policy: {sorted(unknown)}; known: {list(LABELS)}")
+        self.frame_ids = [r["frame_id"] for r in rows]
+        self.groups = [r.get("material_id") or r["frame_id"] for r in rows]
+        self.fidelity_names = [r["fidelity"] for r in rows]
+        self.numbers = [r["numbers"] for r in rows]
+        self.graphs: list[Graph] = [frame_rows_to_graph([r], cutoff, fidelities, torch.float64) for r in rows]
+        self.energy, self.has_energy, self.stress, self.has_stress = [], [], [], []
+        self.forces: list[np.ndarray] = []
+        self.has_forces: list[bool] = []
+        for r in rows:
+            fid, n = r["fidelity"], len(r["numbers"])
+            use_e = bool(r["has_energy"]) and label_policy_mask(fid, label_policy, "energy")
+            use_f = bool(r["has_forces"]) and label_policy_mask(fid, label_policy, "forces")
+            use_s = bool(r["has_stress"]) and label_policy_mask(fid, label_policy, "stress")
+            self.energy.append(float(r["energy"]) if use_e else 0.0)
+            self.has_energy.append(use_e)
+            self.forces.append(np.asarray(r["forces"], dtype=float) if use_f else np.zeros((n, 3)))
+            self.has_forces.append(use_f)
+            self.stress.append(np.asarray(r["stress"], dtype=float) if use_s else np.zeros((3, 3)))
+            self.has_stress.append(use_s)
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def avg_num_neighbors(self, indices: Sequence[int] | None = None) -> float:
+        """Mean number of neighbours per atom over the given frames (SevenNet/NequIP normalisation)."""
+        idx = range(len(self)) if indices is None else indices
+        edges = sum(self.graphs[i].num_edges for i in idx)
+        atoms = sum(self.graphs[i].num_atoms for i in idx)
+        return max(edges / max(atoms, 1), 1.0)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Graph, Labels]:
+        """Collated graph + labels of the given frames (float64; move with ``.to``)."""
+        graph = batch_graphs([self.graphs[i] for i in indices])
+        n_atoms = torch.tensor([self.graphs[i].num_atoms for i in indices])
+        has_f_atoms = torch.repeat_interleave(torch.tensor([self.has_forces[i] for i in indices]), n_atoms)
+        labels = Labels(
+            energy=torch.tensor([self.energy[i] for i in indices], dtype=torch.float64),
+            has_energy=torch.tensor([self.has_energy[i] for i in indices]),
+            forces=torch.from_numpy(np.concatenate([self.forces[i] for i in indices])),
+            has_forces=has_f_atoms,
+            stress=torch.from_numpy(np.stack([self.stress[i] for i in indices])),
+            has_stress=torch.tensor([self.has_stress[i] for i in indices]),
+            n_atoms=n_atoms,
+            fidelity=graph.fidelity.clone(),
+        )
+        return graph, labels
+
+
+def split_by_group(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train/validation indices with whole groups (materials) on one side, so variants of one material never
+    leak across; deterministic for a seed."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    unique = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(unique))
+    n_val = int(round(val_fraction * len(unique)))
+    if val_fraction > 0 and n_val == 0 and len(unique) > 1:
+        n_val = 1
+    val_groups = {unique[k] for k in order[:n_val]}
+    train = [i for i, g in enumerate(groups) if g not in val_groups]
+    val = [i for i, g in enumerate(groups) if g in val_groups]
+    return train, val
