@@ -1,0 +1,146 @@
+"""One screening run: relax candidates (and the reference phases) with a potential at one fidelity, compute
+E_hull against the DFT reference hull and the all-model hull, and write the report.
+
+This is the science behind the ``screen`` flow and the ``mfhull screen`` command; both only call
+:func:`screen`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pymatgen.core import Structure
+
+from pipeline.entries import row_to_entry
+from pipeline.frames import RecordError
+from pipeline.hull import build_reference_hull, e_above_hull, prediction_entry
+from pipeline.hull.phase_diagram import ReferenceHull
+from pipeline.relax.calculator import MFPotentialCalculator
+from pipeline.relax.relaxer import RelaxSettings, relax_many
+from pipeline.report.writer import write_report
+
+log = logging.getLogger(__name__)
+
+
+def file_id(path: str | Path) -> str:
+    """'<file stem>-<first 10 hex of its sha256>': names a checkpoint (model_id) unambiguously."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    return f"{path.stem}-{digest}"
+
+
+def table_fingerprint(table: pa.Table, columns: Iterable[str] = ("entry_id", "thermo_type", "uncorrected_energy")) -> str:
+    """Short content hash of an entries table (the data snapshot id of a report)."""
+    cols = [c for c in columns if c in table.column_names]
+    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in table.select(cols).to_pylist())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:12]
+
+
+def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) -> dict[str, float]:
+    """DFT E_hull of candidates whose DFT entry (entry_id == candidate_id, or data['candidate_id']) is given."""
+    out: dict[str, float] = {}
+    if truth is None:
+        return out
+    for row in truth.to_pylist():
+        entry = row_to_entry(row)
+        cid = (entry.data or {}).get("candidate_id") or row["entry_id"]
+        if cid not in ids:
+            continue
+        try:
+            out[cid] = hull.decomposition_and_e_above_hull(entry)[1]
+        except RecordError as exc:
+            log.warning("no DFT E_hull for %s: %s", cid, exc)
+    return out
+
+
+def screen(
+    candidates: pa.Table,
+    references: pa.Table,
+    *,
+    checkpoint: str | Path,
+    thermo_type: str,
+    fidelity: str,
+    out_dir: str | Path,
+    model_fidelity: str | None = None,
+    chemsys: str | None = None,
+    truth: pa.Table | None = None,
+    candidate_rejects: Iterable[Mapping[str, str]] = (),
+    relax: RelaxSettings = RelaxSettings(),
+    reference_window: float = 0.1,
+    device: str = "cpu",
+) -> dict[str, Path]:
+    """Screen ``candidates`` (CANDIDATES_SCHEMA) against ``references`` (ENTRIES_SCHEMA) and write the report.
+
+    fidelity: fidelity of the DFT references (and of the report); model_fidelity: the potential's fidelity to use
+    (default: the same name). Reference phases within ``reference_window`` eV/atom of the DFT hull are relaxed by
+    the potential too, for the all-model hull. ``truth``: DFT entries of the candidates (optional) for metrics.
+    ``candidate_rejects``: candidates that could not be read (record_id, error), kept as failed rows.
+    """
+    out_dir = Path(out_dir)
+    cand_rows = candidates.to_pylist()
+    systems = {r["chemsys"] for r in cand_rows}
+    if chemsys is None:
+        elements = sorted({el for s in systems for el in s.split("-")})
+        chemsys = "-".join(elements)
+    hull = build_reference_hull(references, thermo_type, chemsys=chemsys, fidelity=fidelity)
+    model_id = file_id(checkpoint)
+    snapshot = table_fingerprint(references)
+    calc = MFPotentialCalculator.from_checkpoint(checkpoint, model_fidelity or fidelity, device=device)
+    relax_dir = out_dir / "relaxations"
+
+    ref_items = []
+    for entry in hull.entries:
+        structure = getattr(entry, "structure", None)
+        if structure is None:
+            continue
+        if hull.diagram.get_e_above_hull(entry, allow_negative=True) <= reference_window:
+            ref_items.append((str(entry.entry_id), structure))
+    log.info("relaxing %d reference phases and %d candidates with %s at %s", len(ref_items), len(cand_rows),
+             model_id, model_fidelity or fidelity)
+    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, role="reference",
+                           out=relax_dir)
+    model_energies = {r["candidate_id"]: r["energy"] for r in ref_relax.to_pylist() if r["energy"] is not None}
+    items = [(r["candidate_id"], Structure.from_dict(json.loads(r["structure"]))) for r in cand_rows]
+    cand_relax = {r["candidate_id"]: r for r in relax_many(
+        items, calc, relax, model_id=model_id, fidelity=fidelity, role="candidate", out=relax_dir).to_pylist()}
+
+    predictions = []
+    for cid, rel in cand_relax.items():
+        if rel["energy"] is not None:
+            predictions.append(prediction_entry(cid, Structure.from_dict(json.loads(rel["structure"])),
+                                                energy=rel["energy"]))
+    notes: list[str] = []
+    try:
+        hull_rows = e_above_hull(predictions, hull, model_energies=model_energies, fidelity=fidelity)
+    except RecordError as exc:  # e.g. an elemental reference failed to relax: report the DFT-hull values only
+        notes.append(f"no all-model hull: {exc}")
+        log.warning("no all-model hull: %s", exc)
+        hull_rows = e_above_hull(predictions, hull, fidelity=fidelity)
+    by_id = {r["candidate_id"]: r for r in hull_rows}
+    truth_e = _truth_e_hull(truth, hull, set(cand_relax))
+
+    report: list[dict[str, Any]] = []
+    for row in cand_rows:
+        cid = row["candidate_id"]
+        rel = cand_relax[cid]
+        out: dict[str, Any] = dict(by_id.get(cid, {}))
+        out.update({
+            "candidate_id": cid, "formula": row["formula"], "chemsys": row["chemsys"], "source": row["source"],
+            "origin": row["origin"], "fidelity": fidelity, "thermo_type": hull.thermo_type,
+            "relax_status": rel["status"], "relax_steps": rel["n_steps"], "e_hull_true": truth_e.get(cid),
+            "meta": json.dumps({"relax_wall_s": rel["wall_s"], "fmax": rel["fmax"], "notes": notes}),
+        })
+        if rel["status"] == "failed":
+            out["error"] = f"relaxation failed: {rel['error']}"
+        report.append(out)
+    for rej in candidate_rejects:
+        report.append({"candidate_id": rej["record_id"], "fidelity": fidelity, "thermo_type": hull.thermo_type,
+                       "relax_status": "not_relaxed", "error": f"unreadable candidate: {rej['error']}"})
+    return write_report(report, out_dir, model_id=model_id, data_snapshot_id=snapshot, reference_diagram=hull,
+                        title=f"E_hull screening of {chemsys} at {fidelity} ({model_id})")
