@@ -45,25 +45,25 @@ def test_both_hulls_and_the_consistent_scale(li_al_hull):
     hull_at = li_al_hull.diagram.get_hull_energy_per_atom(Composition("LiAl3"))
     [row] = e_above_hull([cand], li_al_hull, model_energies=model, fidelity="gpaw-pbe")
     assert row["error"] is None and row["fidelity"] == "gpaw-pbe" and row["thermo_type"] == RAW
-    assert row["e_hull_dft"] == pytest.approx(-3.55 + shift - hull_at)
-    assert row["e_hull_model"] == pytest.approx(-3.55 - hull_at)
-    assert set(json.loads(row["decomposition_dft"])) == {"al", "lial"}
-    assert sum(json.loads(row["decomposition_model"]).values()) == pytest.approx(1.0)
+    assert row["e_hull_pred_dft_hull"] == pytest.approx(-3.55 + shift - hull_at)
+    assert row["e_hull_pred_model_hull"] == pytest.approx(-3.55 - hull_at)
+    assert set(json.loads(row["decomposition_dft_hull"])) == {"al", "lial"}
+    assert sum(json.loads(row["decomposition_model_hull"]).values()) == pytest.approx(1.0)
 
 
 def test_below_hull_is_negative_and_stable_reference_is_zero(li_al_hull):
     rows = e_above_hull([prediction_entry("new", "LiAl", energy_per_atom=-3.2),
                          prediction_entry("same", "Li2Al2", energy_per_atom=-3.1)], li_al_hull)
-    assert rows[0]["e_hull_dft"] == pytest.approx(-0.1)
-    assert rows[1]["e_hull_dft"] == pytest.approx(0.0, abs=1e-12)
-    assert rows[0]["e_hull_model"] is None  # no model energies given: no all-model hull
+    assert rows[0]["e_hull_pred_dft_hull"] == pytest.approx(-0.1)
+    assert rows[1]["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[0]["e_hull_pred_model_hull"] is None  # no model energies given: no all-model hull
 
 
 def test_bad_candidates_keep_their_rows(li_al_hull):
     rows = e_above_hull([prediction_entry("ok", "LiAl", energy_per_atom=-3.0),
                          prediction_entry("alien", "LiFe", energy_per_atom=-3.0)], li_al_hull)
     assert rows[0]["error"] is None
-    assert "Fe" in rows[1]["error"] and rows[1]["e_hull_dft"] is None
+    assert "Fe" in rows[1]["error"] and rows[1]["e_hull_pred_dft_hull"] is None
 
 
 def test_input_errors(li_al_hull):
@@ -96,9 +96,9 @@ def test_mp_reference_phase_as_a_prediction_lands_where_mp_puts_it(li_ni_o):
     for i, row in zip(ids, rows, strict=True):
         assert row["error"] is None, row["error"]
         assert row["correction"] == pytest.approx(by_id[i].correction, abs=1e-9)
-        assert row["e_hull_dft"] == pytest.approx(hull.diagram.get_e_above_hull(by_id[i]), abs=1e-9)
-    assert rows[0]["e_hull_dft"] == pytest.approx(0.0, abs=1e-9)
-    assert rows[-1]["e_hull_dft"] > 0
+        assert row["e_hull_pred_dft_hull"] == pytest.approx(hull.diagram.get_e_above_hull(by_id[i]), abs=1e-9)
+    assert rows[0]["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[-1]["e_hull_pred_dft_hull"] > 0
 
 
 @pytest.mark.shared_data
@@ -109,7 +109,7 @@ def test_r2scan_predictions_are_uncorrected_and_model_hull_of_dft_is_dft(li_ni_o
     [row] = e_above_hull([prediction_entry("nio", nio.structure, energy=nio.energy + 0.1 * len(nio.structure))],
                          hull, model_energies=dft_as_model)
     assert row["correction"] == 0
-    assert row["e_hull_dft"] == pytest.approx(0.1) and row["e_hull_model"] == pytest.approx(0.1)
+    assert row["e_hull_pred_dft_hull"] == pytest.approx(0.1) and row["e_hull_pred_model_hull"] == pytest.approx(0.1)
 
 
 @pytest.mark.shared_data
@@ -121,4 +121,4 @@ def test_mixed_scheme_has_no_model_hull(li_ni_o):
     li2o = prediction_entry("li2o", "Li2O", energy=-14.263600)  # mp-1960 GGA raw energy (example file)
     assert correct_like_reference(li2o, GGA_GGA_U_R2SCAN).energy == pytest.approx(-14.950600, abs=1e-6)
     [row] = e_above_hull([li2o], hull)
-    assert row["e_hull_dft"] == pytest.approx(0.0, abs=1e-6)
+    assert row["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-6)

@@ -115,7 +115,8 @@ def e_above_hull(
     ``fidelity``, when given, must be the reference's: energies of different fidelities are never compared.
     Returns one dict per prediction (a failure keeps its row with ``error`` set):
     ``candidate_id, formula, chemsys, fidelity, thermo_type, energy, energy_per_atom, correction,
-    e_hull_dft, decomposition_dft, e_hull_model, decomposition_model, error``.
+    e_hull_pred_dft_hull, decomposition_dft_hull, e_hull_pred_model_hull, decomposition_model_hull, error``
+    (the columns of :data:`pipeline.report.schema.REPORT_SCHEMA`).
     """
     if fidelity is not None and fidelity.lower() != reference.fidelity:
         raise RecordError(f"predictions at fidelity {fidelity!r} against a {reference.fidelity!r} reference hull")
@@ -126,7 +127,7 @@ def e_above_hull(
             "candidate_id": str(entry.entry_id), "formula": entry.composition.reduced_formula,
             "chemsys": chemsys_of(entry), "fidelity": reference.fidelity, "thermo_type": reference.thermo_type,
             "energy": float(entry.uncorrected_energy), "energy_per_atom": None, "correction": None,
-            "e_hull_dft": None, "decomposition_dft": None, "e_hull_model": None, "decomposition_model": None,
+            "e_hull_pred_dft_hull": None, "decomposition_dft_hull": None, "e_hull_pred_model_hull": None, "decomposition_model_hull": None,
             "error": None,
         }
         try:
@@ -138,8 +139,9 @@ def e_above_hull(
         except Exception as exc:  # noqa: BLE001 - a failed candidate keeps its row with the error
             row["error"] = f"{type(exc).__name__}: {exc}"
         else:
-            row.update(e_hull_dft=dft.e_above_hull, decomposition_dft=dft.decomposition,
-                       e_hull_model=model.e_above_hull, decomposition_model=model.decomposition)
+            row.update({"e_hull_pred_dft_hull": dft.e_above_hull, "decomposition_dft_hull": dft.decomposition,
+                        "e_hull_pred_model_hull": model.e_above_hull,
+                        "decomposition_model_hull": model.decomposition})
         rows.append(row)
     return rows
 

@@ -1,0 +1,147 @@
+"""Report figures (matplotlib, Agg canvas, PNG): E_hull parity plot and the phase diagram with candidates marked.
+
+Figures are saved through an Agg canvas (no display needed). The phase diagram itself is drawn by pymatgen's
+``PDPlotter`` (which draws via pyplot, so that figure is a pyplot one, closed after saving); only the candidate
+markers are added here, placed with pymatgen's own coordinates (``pd_coords`` + ``triangular_coord``/``tet_coord``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from pymatgen.analysis.phase_diagram import (
+    PatchedPhaseDiagram,
+    PDEntry,
+    PDPlotter,
+    PhaseDiagram,
+    tet_coord,
+    triangular_coord,
+)
+from pymatgen.core import Composition
+
+from pipeline.io import atomic_path
+from pipeline.report.metrics import regression_metrics
+from pipeline.report.schema import HULL_COLUMNS
+
+HULL_LABELS = {"dft_hull": "vs DFT reference hull", "model_hull": "vs all-model hull"}
+
+
+def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def parity_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], threshold: float = 0.0) -> Path:
+    """Predicted vs DFT E_hull, one series per hull; without DFT values, all-model vs DFT-hull predictions."""
+    fig = Figure(figsize=(5.2, 5))
+    ax = fig.add_subplot()
+    has_true = any(_finite(r.get("e_hull_true")) for r in rows)
+    points: list[float] = []
+    if has_true:
+        for kind, col in HULL_COLUMNS.items():
+            pairs = [(r["e_hull_true"], r[col]) for r in rows if _finite(r.get("e_hull_true")) and _finite(r.get(col))]
+            if not pairs:
+                continue
+            t, p = map(list, zip(*pairs, strict=True))
+            mae = regression_metrics(t, p)["mae"]
+            ax.scatter(t, p, s=18, alpha=0.75, label=f"{HULL_LABELS[kind]} (n={len(t)}, MAE={mae:.3f})")
+            points += t + p
+        ax.set_xlabel("DFT E_hull (eV/atom)")
+        ax.set_ylabel("predicted E_hull (eV/atom)")
+        ax.set_title("E_hull parity")
+    else:
+        pairs = [(r["e_hull_pred_dft_hull"], r["e_hull_pred_model_hull"]) for r in rows
+                 if _finite(r.get("e_hull_pred_dft_hull")) and _finite(r.get("e_hull_pred_model_hull"))]
+        if pairs:
+            x, y = map(list, zip(*pairs, strict=True))
+            ax.scatter(x, y, s=18, alpha=0.75, label=f"candidates (n={len(x)})")
+            points += x + y
+        ax.set_xlabel("predicted E_hull vs DFT reference hull (eV/atom)")
+        ax.set_ylabel("predicted E_hull vs all-model hull (eV/atom)")
+        ax.set_title("E_hull: DFT hull vs all-model hull (no DFT E_hull known)")
+    lo, hi = (min(points), max(points)) if points else (-0.1, 0.1)
+    pad = 0.05 * (hi - lo) + 1e-3
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", lw=1, ls="--", label="y = x")
+    ax.axvline(threshold, color="0.7", lw=0.8)
+    ax.axhline(threshold, color="0.7", lw=0.8)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def _plot_coords(diagram: PhaseDiagram, composition: Composition, form_energy: float) -> tuple[float, ...]:
+    coords = diagram.pd_coords(composition)
+    dim = len(diagram.elements)
+    if dim == 2:
+        return (float(coords[0]), form_energy)
+    if dim == 3:
+        x, y = triangular_coord(coords)
+        return (float(x), float(y))
+    x, y, z = tet_coord(coords)
+    return (float(x), float(y), float(z))
+
+
+def phase_diagram_plot(
+    diagram: PhaseDiagram,
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    show_unstable: float = 0.0,
+    title: str | None = None,
+) -> Path:
+    """pymatgen's phase diagram (2-4 elements) with every candidate inside it marked (star, coloured by
+    E_hull vs the DFT reference hull). Candidates need ``formula`` and ``energy_per_atom`` (hull scale)."""
+    if isinstance(diagram, PatchedPhaseDiagram):
+        diagram = PhaseDiagram(diagram.all_entries)
+    dim = len(diagram.elements)
+    if not 2 <= dim <= 4:
+        raise ValueError(f"phase diagram plot needs 2-4 elements, this hull has {dim}")
+    # PDPlotter draws through pyplot's current axes: give it ours, close the figure afterwards.
+    fig = plt.figure(figsize=(8, 6.5))
+    try:
+        ax = fig.add_subplot(projection="3d" if dim == 4 else None)
+        plt.sca(ax)
+        plotter = PDPlotter(diagram, show_unstable=show_unstable, backend="matplotlib")
+        plotter.get_plot(ax=ax, label_unstable=False) if dim < 4 else plotter.get_plot(ax=ax)
+        _mark_candidates(fig, ax, diagram, rows)
+        ax.set_title(title or f"{'-'.join(el.symbol for el in diagram.elements)} phase diagram", fontsize=14)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _mark_candidates(fig: Figure, ax: Any, diagram: PhaseDiagram, rows: Sequence[Mapping[str, Any]]) -> None:
+    els = set(diagram.elements)
+    marks: list[tuple[tuple[float, ...], float]] = []
+    for r in rows:
+        if not r.get("formula") or not _finite(r.get("energy_per_atom")):
+            continue
+        comp = Composition(r["formula"])
+        if not set(comp.elements) <= els:
+            continue
+        entry = PDEntry(comp, float(r["energy_per_atom"]) * comp.num_atoms)
+        xyz = _plot_coords(diagram, comp, float(diagram.get_form_energy_per_atom(entry)))
+        e_hull = r.get("e_hull_pred_dft_hull")
+        marks.append((xyz, float(e_hull) if _finite(e_hull) else np.nan))
+    if marks:
+        pts = np.array([m[0] for m in marks])
+        colour = np.array([m[1] for m in marks])
+        sc = ax.scatter(*pts.T, c=colour, cmap="viridis", marker="*", s=110, edgecolors="k", linewidths=0.5,
+                        zorder=10, label=f"candidates (n={len(marks)})")
+        fig.colorbar(sc, ax=ax, shrink=0.7, label="predicted E_hull vs DFT hull (eV/atom)")
+        ax.legend(loc="upper right", fontsize=8)

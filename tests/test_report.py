@@ -1,0 +1,116 @@
+"""write_report end to end on real Li-Ni-O r2SCAN data: Parquet, summaries, plots (real PNGs)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from matplotlib.image import imread
+from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+from pymatgen.core import Composition
+
+from pipeline.hull import R2SCAN, build_reference_hull, e_above_hull, prediction_entry
+from pipeline.report import REPORT_SCHEMA, SUMMARY_SCHEMA, ReportError, report_table, write_report
+from pipeline.sources.res import read_res_entries
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png(path, min_bytes=10_000):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > min_bytes
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    assert img[..., :3].std() > 0.01  # not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def screening(mp_file):
+    """Predictions = DFT energies + seeded noise for 30 Li-Ni-O r2SCAN phases; model re-computes references with
+    a constant shift; one candidate with an element outside the hull fails."""
+    entries, _ = read_res_entries(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"))
+    hull = build_reference_hull(entries, R2SCAN)
+    rng = np.random.default_rng(0)
+    picked = hull.entries[:30]
+    shift = -0.05
+    model = {e.entry_id: e.energy + shift * len(e.structure) for e in hull.entries}
+    preds = [prediction_entry(f"cand-{e.entry_id}", e.structure,
+                              energy=e.energy + (shift + rng.normal(0, 0.03)) * len(e.structure)) for e in picked]
+    preds.append(prediction_entry("alien", "LiFeO2", energy_per_atom=-6.0))
+    rows = e_above_hull(preds, hull, model_energies=model, fidelity="r2scan")
+    true = {f"cand-{e.entry_id}": hull.diagram.get_e_above_hull(e) for e in picked}
+    for r in rows:
+        r["e_hull_true"] = true.get(r["candidate_id"])
+        r["relax_status"] = "converged" if r["error"] is None else "not_relaxed"
+        r["structure_source"] = "mp-res"  # not a report column: goes to meta
+    return hull, rows
+
+
+@pytest.mark.shared_data
+def test_write_report_end_to_end(screening, tmp_path):
+    hull, rows = screening
+    files = write_report(rows, tmp_path / "rep", model_id="mf-test-1", data_snapshot_id="mp-res-2024-03",
+                         threshold=0.05, reference_diagram=hull, title="Li-Ni-O test")
+    assert set(files) == {"report", "summary_parquet", "summary_json", "summary_md", "parity_plot",
+                          "phase_diagram_plot"}
+    assert all(p.exists() for p in files.values())
+    assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]  # no temp files left
+
+    table = pq.read_table(files["report"])
+    assert table.schema.equals(REPORT_SCHEMA, check_metadata=False) and table.num_rows == 31
+    by_id = {r["candidate_id"]: r for r in table.to_pylist()}
+    assert "not in the Li-Ni-O hull" in by_id["alien"]["error"] and by_id["alien"]["e_hull_pred_dft_hull"] is None
+    ok = by_id["cand-mp-1018134-R2SCAN"]
+    assert ok["model_id"] == "mf-test-1" and ok["data_snapshot_id"] == "mp-res-2024-03"
+    assert ok["fidelity"] == "r2scan" and ok["thermo_type"] == R2SCAN
+    assert json.loads(ok["meta"]) == {"structure_source": "mp-res"}
+    # the constant model shift cancels on the all-model hull but not on the DFT hull
+    diffs = [r["e_hull_pred_dft_hull"] - r["e_hull_pred_model_hull"] for r in by_id.values() if r["error"] is None]
+    assert np.allclose(diffs, -0.05, atol=1e-9)
+
+    summary = pq.read_table(files["summary_parquet"])
+    assert summary.schema.equals(SUMMARY_SCHEMA, check_metadata=False)
+    got = {(r["hull"], r["stability_threshold"]): r for r in summary.to_pylist()}
+    assert set(got) == {("dft_hull", 0.0), ("dft_hull", 0.05), ("model_hull", 0.0), ("model_hull", 0.05)}
+    assert all(r["n"] == 30 for r in got.values())
+    assert got[("model_hull", 0.0)]["mae"] < got[("dft_hull", 0.0)]["mae"]
+
+    js = json.loads(files["summary_json"].read_text())
+    assert js["n_candidates"] == 31 and js["n_failed"] == 1 and js["model_id"] == ["mf-test-1"]
+    assert {m["hull"] for m in js["metrics"]} == {"dft_hull", "model_hull"}
+    md = files["summary_md"].read_text()
+    assert "all-model hull" in md and "DFT reference hull" in md and "alien" in md and "DAF" in md
+    _check_png(files["parity_plot"])
+    _check_png(files["phase_diagram_plot"])
+
+
+@pytest.mark.shared_data
+def test_report_without_dft_truth_or_model_hull(screening, tmp_path):
+    _, rows = screening
+    bare = [{k: v for k, v in r.items() if k not in ("e_hull_true", "e_hull_pred_model_hull",
+                                                      "decomposition_model_hull")} for r in rows]
+    files = write_report(bare, tmp_path)
+    assert "phase_diagram_plot" not in files
+    assert pq.read_table(files["summary_parquet"]).num_rows == 0
+    assert "no metrics" in files["summary_md"].read_text()
+    _check_png(files["parity_plot"], min_bytes=5_000)
+
+
+def test_phase_diagram_plot_skipped_for_five_elements(tmp_path):
+    els = ["Li", "Na", "K", "Rb", "Cs"]
+    diagram = PhaseDiagram([PDEntry(Composition(e), -1.0) for e in els] + [PDEntry(Composition("LiNa"), -3.0)])
+    rows = [{"candidate_id": "x", "formula": "LiNa", "energy_per_atom": -1.6, "e_hull_pred_dft_hull": 0.1}]
+    files = write_report(rows, tmp_path, reference_diagram=diagram)
+    assert "phase_diagram_plot" not in files
+    assert "2-4 elements" in json.loads(files["summary_json"].read_text())["notes"][0]
+
+
+def test_report_table_validation():
+    with pytest.raises(ReportError, match="candidate_id"):
+        report_table([{"formula": "LiF"}])
+    with pytest.raises(ReportError, match="relax_status"):
+        report_table([{"candidate_id": "a", "relax_status": "done"}])
+    t = report_table([{"candidate_id": "a", "e_hull_true": float("nan")}], model_id="m")
+    assert t.to_pylist()[0]["e_hull_true"] is None and t.to_pylist()[0]["model_id"] == "m"

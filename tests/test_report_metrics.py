@@ -1,0 +1,57 @@
+"""E_hull metrics with matbench-discovery's definitions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.report.metrics import classify_stable, regression_metrics, stable_metrics
+
+
+def test_hand_computed_example():
+    e_true = [-0.05, 0.0, 0.02, 0.2, None]  # the last has no DFT value: not counted
+    e_pred = [-0.01, 0.05, -0.02, 0.3, 0.0]
+    assert classify_stable(e_true, e_pred) == (1, 1, 1, 1)  # TP, FN, FP, TN
+    m = stable_metrics(e_true, e_pred)
+    assert m["n"] == 4 and m["prevalence"] == 0.5
+    assert m["precision"] == m["recall"] == m["f1"] == m["accuracy"] == 0.5
+    assert m["daf"] == pytest.approx(1.0)
+    assert m["mae"] == pytest.approx((0.04 + 0.05 + 0.04 + 0.1) / 4)
+    assert m["rmse"] == pytest.approx(math.sqrt((0.04**2 + 0.05**2 + 0.04**2 + 0.1**2) / 4))
+
+
+def test_threshold_moves_the_classes():
+    e_true, e_pred = [0.03, 0.08, 0.2], [0.04, 0.2, 0.09]
+    assert classify_stable(e_true, e_pred, 0.0) == (0, 0, 0, 3)
+    assert classify_stable(e_true, e_pred, 0.1) == (1, 1, 1, 0)
+    m = stable_metrics(e_true, e_pred, 0.1)
+    assert m["stability_threshold"] == 0.1 and m["daf"] == pytest.approx(0.5 / (2 / 3))
+
+
+def test_missing_prediction_counts_as_unstable_and_nan_ratios():
+    m = stable_metrics([-0.1, 0.1], [None, 0.2])
+    assert (m["tp"], m["fn"], m["fp"], m["tn"], m["n_missing_pred"]) == (0, 1, 0, 1, 1)
+    assert math.isnan(m["precision"]) and m["recall"] == 0 and math.isnan(m["daf"])
+    assert m["mae"] == pytest.approx(0.1) and math.isnan(m["r2"])  # one pair only
+    with pytest.raises(ValueError, match="threshold"):
+        stable_metrics([0.0], [0.0], float("nan"))
+    with pytest.raises(ValueError, match="values"):
+        classify_stable([0.0], [0.0, 1.0])
+
+
+def test_agrees_with_sklearn_on_random_data():
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(7)
+    e_true = rng.normal(0.05, 0.1, 300)
+    e_pred = e_true + rng.normal(0, 0.05, 300)
+    m = stable_metrics(list(e_true), list(e_pred), 0.02)
+    y_true, y_pred = e_true <= 0.02, e_pred <= 0.02
+    assert m["precision"] == pytest.approx(sk.precision_score(y_true, y_pred))
+    assert m["recall"] == pytest.approx(sk.recall_score(y_true, y_pred))
+    assert m["f1"] == pytest.approx(sk.f1_score(y_true, y_pred))
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y_true, y_pred))
+    assert m["r2"] == pytest.approx(sk.r2_score(e_true, e_pred))
+    assert m["daf"] == pytest.approx(m["precision"] / y_true.mean())
+    assert all(math.isnan(v) for v in regression_metrics([], []).values())
