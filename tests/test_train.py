@@ -104,3 +104,13 @@ def test_references_fitted_per_fidelity(frames, tmp_path):
     # 'hi' = 1.1 * lo + 0.3 eV/atom, so its fitted references follow (up to the fit of the subset it covers)
     for el in ("Al", "Cu"):
         assert refs["hi"][el] == pytest.approx(1.1 * refs["lo"][el] + 0.3, abs=0.05)
+
+
+def test_evaluate_frames_reports_per_fidelity(frames, tmp_path):
+    from pipeline.train import evaluate_frames
+
+    res = train(frames, preset("small"), _cfg(epochs=1), tmp_path, resume=False)
+    metrics = evaluate_frames(load_checkpoint(res.best), frames)
+    assert set(metrics) == {"hi/energy_mae_meV_atom", "hi/energy_rmse_meV_atom", "lo/energy_mae_meV_atom",
+                            "lo/energy_rmse_meV_atom", "lo/forces_mae_meV_A"}
+    assert all(np.isfinite(v) and v >= 0 for v in metrics.values())

@@ -2,7 +2,8 @@
 
 from pipeline.train.data import FrameData, Labels, split_by_group
 from pipeline.train.losses import LossWeights
-from pipeline.train.trainer import TrainConfig, TrainResult, prepare_config, train
+from pipeline.train.trainer import TrainConfig, TrainResult, evaluate, evaluate_frames, prepare_config, train
 
-__all__ = ["FrameData", "Labels", "LossWeights", "TrainConfig", "TrainResult", "prepare_config", "split_by_group",
+__all__ = ["FrameData", "Labels", "LossWeights", "TrainConfig", "TrainResult", "evaluate",
+           "evaluate_frames", "prepare_config", "split_by_group",
            "train"]

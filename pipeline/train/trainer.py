@@ -74,33 +74,52 @@ def prepare_config(frames: pa.Table, config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, fidelities=tuple(fids), elements=tuple(zs))
 
 
-def _evaluate(model: MFPotential, data: FrameData, indices: Sequence[int], cfg: TrainConfig,
-              dtype: torch.dtype) -> dict[str, float]:
-    """Validation loss and MAEs per fidelity (energy meV/atom, forces meV/A)."""
+def evaluate(model: MFPotential, data: FrameData, indices: Sequence[int] | None = None, *, batch_size: int = 16,
+             weights: LossWeights | None = None, use_stress: bool = True, device: str = "cpu") -> dict[str, float]:
+    """Errors of ``model`` on frames: per fidelity, energy MAE/RMSE (meV/atom) and force MAE (meV/A), plus the
+    mean loss (``val_loss``) when ``weights`` are given."""
+    indices = list(range(len(data))) if indices is None else list(indices)
     if not indices:
         return {}
+    dtype = model.shift.dtype
+    was_training = model.training
     model.eval()
-    sums: dict[str, list[float]] = {}
-    losses = []
-    for start in range(0, len(indices), cfg.batch_size):
-        idx = list(indices[start:start + cfg.batch_size])
+    e_errs: dict[str, list[float]] = {}
+    f_errs: dict[str, list[float]] = {}
+    loss_sum = 0.0
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
         graph, labels = data.batch(idx)
-        graph, labels = graph.to(cfg.device, dtype), labels.to(cfg.device, dtype)
-        out = model(graph, compute_forces=True, compute_stress=cfg.use_stress, create_graph=False)
-        losses.append(float(total_loss(loss_terms(out, labels), cfg.weights).detach()) * len(idx))
-        e_err = ((out["energy"] - labels.energy) / labels.n_atoms).detach().abs()
+        graph, labels = graph.to(device, dtype), labels.to(device, dtype)
+        out = model(graph, compute_forces=True, compute_stress=use_stress, create_graph=False)
+        if weights is not None:
+            loss_sum += float(total_loss(loss_terms(out, labels), weights).detach()) * len(idx)
+        e_err = ((out["energy"] - labels.energy) / labels.n_atoms).detach()
         f_err = (out["forces"] - labels.forces).detach().abs().mean(dim=1)
-        batch = graph.batch
         for k, i in enumerate(idx):
             fid = data.fidelity_names[i]
             if labels.has_energy[k]:
-                sums.setdefault(f"{fid}/energy_mae_meV_atom", []).append(1000 * float(e_err[k]))
-            atoms = batch == k
+                e_errs.setdefault(fid, []).append(1000 * float(e_err[k]))
+            atoms = graph.batch == k
             if labels.has_forces[atoms].any():
-                sums.setdefault(f"{fid}/forces_mae_meV_A", []).extend((1000 * f_err[atoms]).tolist())
-    metrics = {k: float(np.mean(v)) for k, v in sorted(sums.items())}
-    metrics["val_loss"] = sum(losses) / len(indices)
+                f_errs.setdefault(fid, []).extend((1000 * f_err[atoms]).tolist())
+    model.train(was_training)
+    metrics: dict[str, float] = {}
+    for fid, errs in sorted(e_errs.items()):
+        arr = np.asarray(errs)
+        metrics[f"{fid}/energy_mae_meV_atom"] = float(np.abs(arr).mean())
+        metrics[f"{fid}/energy_rmse_meV_atom"] = float(np.sqrt((arr**2).mean()))
+    for fid, errs in sorted(f_errs.items()):
+        metrics[f"{fid}/forces_mae_meV_A"] = float(np.mean(errs))
+    if weights is not None:
+        metrics["val_loss"] = loss_sum / len(indices)
     return metrics
+
+
+def evaluate_frames(model: MFPotential, frames: pa.Table, **kwargs: Any) -> dict[str, float]:
+    """:func:`evaluate` on a frames table (fidelities must be known to the model)."""
+    data = FrameData(frames, model.cutoff, model.fidelities)
+    return evaluate(model, data, **kwargs)
 
 
 def train(
@@ -175,7 +194,8 @@ def train(
         scheduler.step()
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": v / len(order) for k, v in sums.items()})
-        row.update(_evaluate(model, data, val_idx, cfg, dtype))
+        row.update(evaluate(model, data, val_idx, batch_size=cfg.batch_size, weights=cfg.weights,
+                            use_stress=cfg.use_stress, device=cfg.device))
         row["wall_s"] = time.perf_counter() - t0
         score = row.get("val_loss", row["train_loss"])
         history.append(row)
