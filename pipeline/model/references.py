@@ -5,6 +5,8 @@ fidelity gets its own element references, fitted by least squares before trainin
 
     E_total(structure) ~= sum_elements count(element) * ref[fidelity][element]
 
+solved for the per-atom energies (each structure weighted equally, whatever its size).
+
 The scale of a fidelity is the RMS of its force components (SevenNet's choice: the network then predicts
 O(1) numbers), or the RMS of the per-atom residual energy when no forces are given, or 1.
 
@@ -104,9 +106,9 @@ def fit_element_references(
     if not (len(numbers) == n == len(fidelities)):
         raise ValueError(f"{len(numbers)} structures, {n} energies and {len(fidelities)} fidelities: lengths differ")
     refs = ElementReferences()
-    fids = np.array([str(f).strip().lower() for f in fidelities])
+    fids = np.array([str(f).strip().lower() for f in fidelities], dtype=object)
     e_all = np.asarray(energies, dtype=float)
-    for fid in sorted(set(fids)):
+    for fid in sorted({str(f) for f in fids}):
         idx = np.flatnonzero((fids == fid) & np.isfinite(e_all))
         if idx.size == 0:
             continue
@@ -115,7 +117,8 @@ def fit_element_references(
         present = np.flatnonzero(a_full.sum(axis=0) > 0)
         a = a_full[:, present]
         e = e_all[idx]
-        coef, *_ = np.linalg.lstsq(a, e, rcond=None)
+        n_at = a.sum(axis=1)
+        coef, *_ = np.linalg.lstsq(a / n_at[:, None], e / n_at, rcond=None)  # per-atom energies, as trained on
         refs.energies[fid] = {chemical_symbols[z]: float(c) for z, c in zip(present, coef)}
         scale = None
         if forces is not None:
@@ -127,7 +130,7 @@ def fit_element_references(
                 if flat.size and np.sqrt(np.mean(flat**2)) > 0:
                     scale = float(np.sqrt(np.mean(flat**2)))
         if scale is None:
-            resid = (e - a @ coef) / a.sum(axis=1)
+            resid = (e - a @ coef) / n_at
             rms = float(np.sqrt(np.mean(resid**2))) if resid.size > 1 else 0.0
             scale = rms if rms > 1e-6 else 1.0
         refs.scales[fid] = scale
