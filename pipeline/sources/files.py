@@ -1,0 +1,181 @@
+"""Import any supported file (or folder) into the Parquet schema: detect its kind, run its importer, write rows.
+
+``import_path(path, kind="auto", **options) -> ImportResult`` picks the importer; ``write_import(result,
+out_dir)`` appends frame rows to ``out_dir/frames/``, entry rows to ``out_dir/entries/`` and rejects to
+``out_dir/rejects/`` (each a :class:`pipeline.io.ParquetDataset` keyed as in :data:`pipeline.schema.KEYS`, so a
+re-run adds nothing twice).
+
+Rows are told apart by their key: a row with ``frame_id`` is a frame, one with ``entry_id`` an entry (an
+importer such as MatPES returns both in one result). No type tag is stored in :class:`ImportResult`.
+
+Kinds and their detection in ``auto`` mode:
+
+==================  =====================================================  =======================================
+kind                importer                                               detected from
+==================  =====================================================  =======================================
+``extxyz``          :func:`pipeline.sources.extxyz.import_extxyz`          ``.xyz`` / ``.extxyz``
+``ase-db``          :func:`pipeline.sources.asedb.import_ase_db`           ``.db`` / ``.sqlite`` (SQLite header)
+``res``             :func:`pipeline.sources.res.import_res`                ``.res``, a tar of them, a folder of them
+``entries-json``    :func:`pipeline.sources.entries_json.import_entries_json`  JSON whose records have ``@class``
+                                                                           ComputedEntry / ComputedStructureEntry
+``matpes``          :func:`pipeline.sources.matpes.import_matpes`          JSON records with ``matpes_id``
+``mp-element-refs`` :func:`pipeline.sources.matpes.import_mp_element_refs` JSON ``{el: {structure: [..],
+                                                                           energy_per_atom: [..]}}``
+``task-docs``       ``pipeline.sources.taskdocs.import_task_docs``         JSON records with ``calcs_reversed``
+==================  =====================================================  =======================================
+
+JSON files may be gzip-compressed. A folder without ``.res`` files is imported file by file. A file whose kind
+cannot be told, or that is missing, becomes one reject (the batch carries on).
+"""
+
+from __future__ import annotations
+
+import importlib
+import tarfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.entries import entries_table
+from pipeline.frames import RecordError, frames_table
+from pipeline.io import ParquetDataset
+from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
+from pipeline.sources.base import ImportResult
+from pipeline.sources.entries_json import read_json
+
+SOURCE = "files"
+
+#: kind -> (module, function); modules are imported when first used
+IMPORTERS: dict[str, tuple[str, str]] = {
+    "extxyz": ("pipeline.sources.extxyz", "import_extxyz"),
+    "ase-db": ("pipeline.sources.asedb", "import_ase_db"),
+    "res": ("pipeline.sources.res", "import_res"),
+    "entries-json": ("pipeline.sources.entries_json", "import_entries_json"),
+    "matpes": ("pipeline.sources.matpes", "import_matpes"),
+    "mp-element-refs": ("pipeline.sources.matpes", "import_mp_element_refs"),
+    "task-docs": ("pipeline.sources.taskdocs", "import_task_docs"),
+}
+
+ENTRY_CLASSES = {"ComputedEntry", "ComputedStructureEntry", "GibbsComputedStructureEntry"}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def importer(kind: str) -> Callable[..., ImportResult]:
+    """The import function of a kind (ImportError with the kind named if its module is absent)."""
+    if kind not in IMPORTERS:
+        raise ValueError(f"unknown kind {kind!r}; known: {sorted(IMPORTERS)}")
+    module, name = IMPORTERS[kind]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"importer for {kind!r} ({module}.{name}) is not available: {exc}") from exc
+
+
+def _first_record(data: Any) -> Any:
+    if isinstance(data, list):
+        return data[0] if data else None
+    if isinstance(data, Mapping):
+        if "@class" in data or "calcs_reversed" in data or "matpes_id" in data:
+            return data
+        return next(iter(data.values()), None)
+    return None
+
+
+def json_kind(data: Any) -> str:
+    """Kind of parsed JSON content, from the shape of its first record."""
+    rec = _first_record(data)
+    if not isinstance(rec, Mapping):
+        raise RecordError("JSON holds no records of a known kind")
+    if rec.get("@class") in ENTRY_CLASSES:
+        return "entries-json"
+    if "matpes_id" in rec:
+        return "matpes"
+    if "calcs_reversed" in rec:
+        return "task-docs"
+    if isinstance(rec.get("structure"), list) and isinstance(rec.get("energy_per_atom"), list):
+        return "mp-element-refs"
+    raise RecordError(f"JSON records with keys {sorted(rec)[:8]} are of no known kind")
+
+
+def detect_kind(path: str | Path) -> str:
+    """Kind of a file or folder (see the module doc); :class:`RecordError` when it cannot be told."""
+    path = Path(path)
+    if path.is_dir():
+        if any(path.rglob("*.res")):
+            return "res"
+        raise RecordError(f"{path} is a folder without .res files (import its files one by one)")
+    if not path.is_file():
+        raise RecordError(f"no such file: {path}")
+    name = path.name.lower()
+    if name.endswith((".xyz", ".extxyz")):
+        return "extxyz"
+    if name.endswith(".res"):
+        return "res"
+    with open(path, "rb") as fh:
+        head = fh.read(len(_SQLITE_MAGIC))
+    if head == _SQLITE_MAGIC:
+        return "ase-db"
+    if name.endswith(".tar") or (not name.endswith((".json", ".json.gz")) and tarfile.is_tarfile(path)):
+        return "res"
+    if name.endswith((".json", ".json.gz")):
+        try:
+            data = read_json(path)
+        except Exception as exc:
+            raise RecordError(f"unreadable JSON: {type(exc).__name__}: {exc}") from exc
+        return json_kind(data)
+    raise RecordError(f"cannot tell the kind of {path.name}; pass kind= one of {sorted(IMPORTERS)}")
+
+
+def import_path(path: str | Path, kind: str = "auto", **options: Any) -> ImportResult:
+    """Import one file or folder; ``options`` go to the importer (e.g. ``fidelity``, ``limit``)."""
+    path = Path(path)
+    if kind != "auto":
+        return importer(kind)(path, **options)
+    if path.is_dir() and not any(path.rglob("*.res")):
+        result = ImportResult(SOURCE)
+        for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+            result.extend(import_path(child, **options))
+        return result
+    try:
+        detected = detect_kind(path)
+    except RecordError as exc:
+        result = ImportResult(SOURCE)
+        result.reject(path.name, exc)
+        return result
+    return importer(detected)(path, **options)
+
+
+def split_rows(result: ImportResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(frame rows, entry rows) of a result, told apart by their key columns."""
+    frames, entries = [], []
+    for row in result.rows:
+        if "frame_id" in row:
+            frames.append(row)
+        elif "entry_id" in row:
+            entries.append(row)
+        else:
+            raise ValueError(f"row with neither frame_id nor entry_id: keys {sorted(row)[:6]}")
+    return frames, entries
+
+
+def write_import(result: ImportResult, out_dir: str | Path) -> dict[str, int]:
+    """Append a result's frames, entries and rejects under ``out_dir``; counts read and newly written."""
+    out = Path(out_dir)
+    frames, entries = split_rows(result)
+    counts = {"frames_read": len(frames), "entries_read": len(entries), "rejects_read": result.n_rejected}
+    counts["frames_written"] = (
+        ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]).append(frames_table(frames))
+        if frames
+        else 0
+    )
+    counts["entries_written"] = (
+        ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]).append(entries_table(entries))
+        if entries
+        else 0
+    )
+    counts["rejects_written"] = (
+        ParquetDataset(out / "rejects", REJECTS_SCHEMA, KEYS["rejects"]).append(result.rejects_table())
+        if result.rejects
+        else 0
+    )
+    return counts
