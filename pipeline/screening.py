@@ -43,19 +43,25 @@ def table_fingerprint(table: pa.Table, columns: Iterable[str] = ("entry_id", "th
 
 
 def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) -> dict[str, float]:
-    """DFT E_hull of candidates whose DFT entry (entry_id == candidate_id, or data['candidate_id']) is given."""
+    """DFT E_hull of the candidates whose DFT entry at the hull's fidelity is in ``truth``; an entry belongs to a
+    candidate when its data['candidate_id'], its entry_id, or its entry_id less a '-<fidelity>' suffix is the id."""
     out: dict[str, float] = {}
     if truth is None:
         return out
+    suffix = f"-{hull.fidelity}"
     for row in truth.to_pylist():
+        if row["fidelity"] != hull.fidelity:
+            continue
         entry = row_to_entry(row)
-        cid = (entry.data or {}).get("candidate_id") or row["entry_id"]
-        if cid not in ids:
+        eid = row["entry_id"]
+        names = {(entry.data or {}).get("candidate_id"), eid, eid[: -len(suffix)] if eid.endswith(suffix) else None}
+        matches = names & ids
+        if not matches:
             continue
         try:
-            out[cid] = hull.decomposition_and_e_above_hull(entry)[1]
+            out[matches.pop()] = hull.decomposition_and_e_above_hull(entry)[1]
         except RecordError as exc:
-            log.warning("no DFT E_hull for %s: %s", cid, exc)
+            log.warning("no DFT E_hull for %s: %s", eid, exc)
     return out
 
 

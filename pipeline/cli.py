@@ -1,0 +1,198 @@
+"""``mfhull``: one console script; each sub-command calls the same library functions the Prefect flows call.
+
+    mfhull import PATH... --out DIR          real files (extxyz, ASE db, entries JSON, .res, MatPES, task docs)
+    mfhull ingest-mp CHEMSYS... --out DIR    Materials Project (needs MP_API_KEY)
+    mfhull train --frames DIR --out DIR      multi-fidelity potential
+    mfhull screen ...                        relax candidates, E_hull vs DFT and all-model hulls, report
+    mfhull hull --entries DIR ...            reference hull table of one thermo type
+    mfhull demo                              the offline demo (Prefect flow on the embedded API)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PROJECT_ROOT
+
+
+def _env_defaults() -> None:
+    """Defaults that must be set before numpy / Prefect are imported."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _parse_policy(items: list[str] | None) -> dict[str, tuple[str, ...]] | None:
+    """['gpaw-r2scan=energy', 'pbe=energy,forces'] -> {fidelity: labels}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        fid, _, labels = item.partition("=")
+        if not labels:
+            raise SystemExit(f"--labels {item!r}: expected FIDELITY=label[,label...]")
+        out[fid.strip().lower()] = tuple(x.strip() for x in labels.split(","))
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.sources.files import import_path, write_import
+
+    results = []
+    for path in args.paths:
+        result = import_path(path, kind=args.kind)
+        counts = write_import(result, args.out)
+        results.append({"path": path, **counts})
+    _print(results)
+    return 0
+
+
+def cmd_ingest_mp(args: argparse.Namespace) -> int:
+    from pipeline.sources.mp import ingest_mp
+
+    report = ingest_mp(args.chemsys, args.out)
+    _print(report.__dict__ if hasattr(report, "__dict__") else report)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.io import read_table
+    from pipeline.model import preset
+    from pipeline.schema import FRAMES_SCHEMA
+    from pipeline.train import TrainConfig, train
+
+    frames = read_table(args.frames, FRAMES_SCHEMA)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction)
+    result = train(frames, preset(args.preset), cfg, args.out, resume=not args.restart)
+    _print({"best": result.best, "last": result.last, "final": result.history[-1] if result.history else None})
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from pipeline.hull.candidates import read_candidate_files
+    from pipeline.io import read_table
+    from pipeline.relax.relaxer import RelaxSettings
+    from pipeline.schema import ENTRIES_SCHEMA
+    from pipeline.screening import screen
+
+    cands = read_candidate_files(args.candidates)
+    from pipeline.hull.candidates import candidates_table
+
+    files = screen(
+        candidates_table(cands.rows), read_table(args.references, ENTRIES_SCHEMA), checkpoint=args.checkpoint,
+        thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
+        out_dir=args.out, truth=read_table(args.truth, ENTRIES_SCHEMA) if args.truth else None,
+        candidate_rejects=cands.rejects, relax=RelaxSettings(fmax=args.fmax, steps=args.steps),
+        device=args.device,
+    )
+    _print({k: str(v) for k, v in files.items()})
+    return 0
+
+
+def cmd_hull(args: argparse.Namespace) -> int:
+    from pipeline.hull import build_reference_hull
+    from pipeline.io import read_table, write_table_atomic
+    from pipeline.schema import ENTRIES_SCHEMA
+
+    hull = build_reference_hull(read_table(args.entries, ENTRIES_SCHEMA), args.thermo_type, chemsys=args.chemsys,
+                                fidelity=args.fidelity)
+    table = hull.e_above_hull_table()
+    write_table_atomic(table, args.out)
+    _print({"out": args.out, "entries": table.num_rows, "stable": sorted(hull.stable_entry_ids()),
+            "rejected": len(hull.rejects)})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.demo import demo_flow
+
+    summary = demo_flow(out_dir=str(args.out), epochs=args.epochs)
+    _print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfhull", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="import real files into frames/entries Parquet datasets")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kind", default="auto")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("ingest-mp", help="ingest Materials Project entries and trajectories (MP_API_KEY)")
+    p.add_argument("chemsys", nargs="+", help="chemical systems, e.g. Li-Ni-O")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_ingest_mp)
+
+    p = sub.add_parser("train", help="train the multi-fidelity potential on a frames dataset")
+    p.add_argument("--frames", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
+    p.add_argument("--labels", action="append", help="FIDELITY=energy[,forces,stress]: labels used per fidelity")
+    p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("screen", help="relax candidates and report E_hull")
+    p.add_argument("--candidates", nargs="+", required=True, help="CIF/POSCAR/extxyz/JSON files or folders")
+    p.add_argument("--references", required=True, help="entries dataset of the reference phases")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--thermo-type", required=True, help="R2SCAN, GGA_GGA+U, GGA_GGA+U_R2SCAN or raw")
+    p.add_argument("--fidelity", required=True, help="fidelity of the references (and the report)")
+    p.add_argument("--model-fidelity", default=None, help="the potential's fidelity (default: --fidelity)")
+    p.add_argument("--truth", default=None, help="entries dataset with DFT energies of the candidates")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fmax", type=float, default=0.05)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("hull", help="reference hull (E_hull of every entry) of one thermo type")
+    p.add_argument("--entries", required=True)
+    p.add_argument("--thermo-type", required=True)
+    p.add_argument("--chemsys", default=None)
+    p.add_argument("--fidelity", default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_hull)
+
+    p = sub.add_parser("demo", help="offline demo on data/demo: train, screen, report (Prefect, embedded API)")
+    p.add_argument("--out", default=PROJECT_ROOT / "reports" / "demo", type=Path)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _env_defaults()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"mfhull {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
