@@ -209,3 +209,18 @@ def test_table_fidelity_column_is_used(li_ni_o):
         r["fidelity"] = "gpaw-r2scan"
     table = pa.Table.from_pylist(rows, schema=entries_table([]).schema)
     assert len(build_reference_hull(table, RAW, fidelity="gpaw-r2scan").entries) == 51
+
+
+def test_table_with_an_entry_under_two_thermo_types_counts_it_once(li_ni_o):
+    r2 = [e for e in li_ni_o if e.parameters["run_type"] == "R2SCAN"]
+    rows = [entry_to_row(e, source="res") for e in r2]
+    rows += [entry_to_row(e, source="res", thermo_type=R2SCAN) for e in r2[:5]]
+    hull = build_reference_hull(entries_table(rows), R2SCAN)
+    assert len(hull.entries) == 51
+
+
+def test_entries_of_unknown_fidelity_are_rejects_not_crashes():
+    entries = [_raw("Li", -1.9, "li"), _raw("Al", -3.7, "al"), ComputedEntry("LiAl", -6.0, entry_id="nofid")]
+    te = thermo_entries(entries, RAW, fidelity="gpaw-pbe")
+    assert [e.entry_id for e in te.entries] == ["li", "al"]
+    assert te.rejects[0]["entry_id"] == "nofid" and "run_type" in te.rejects[0]["error"]

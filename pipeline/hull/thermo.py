@@ -83,11 +83,28 @@ def entry_fidelity(entry: ComputedEntry) -> str:
     return fidelity_from_run_type((entry.parameters or {}).get("run_type"))
 
 
-def entries_with_fidelity(source: EntrySource) -> list[tuple[ComputedEntry, str]]:
-    """(entry, fidelity) pairs from an ENTRIES_SCHEMA table (its ``fidelity`` column) or pymatgen entries."""
+def entries_with_fidelity(source: EntrySource) -> tuple[list[tuple[ComputedEntry, str]], list[dict[str, str]]]:
+    """(entry, fidelity) pairs from an ENTRIES_SCHEMA table (its ``fidelity`` column) or pymatgen entries, and
+    rejects for entries whose fidelity is unknown.
+
+    A table may hold one entry under several thermo types (key: entry_id + thermo_type); the first row of each
+    entry_id is used, since corrections are recomputed here from the raw energy.
+    """
+    pairs: list[tuple[ComputedEntry, str]] = []
+    rejects: list[dict[str, str]] = []
     if isinstance(source, pa.Table):
-        return [(row_to_entry(r), str(r["fidelity"]).lower()) for r in source.to_pylist()]
-    return [(e, entry_fidelity(e)) for e in source]
+        seen: set[str] = set()
+        for r in source.to_pylist():
+            if r["entry_id"] not in seen:
+                seen.add(r["entry_id"])
+                pairs.append((row_to_entry(r), str(r["fidelity"]).lower()))
+        return pairs, rejects
+    for e in source:
+        try:
+            pairs.append((e, entry_fidelity(e)))
+        except RecordError as exc:
+            rejects.append({"entry_id": str(e.entry_id), "error": f"unknown fidelity: {exc}"})
+    return pairs, rejects
 
 
 def within(entry: ComputedEntry, elements: set[str] | None) -> bool:
@@ -140,25 +157,26 @@ def thermo_entries(
     target = check_thermo_type(thermo_type, fidelity)
     wanted = _INPUT_FIDELITIES.get(thermo_type, (target,))
     els = None if elements is None else {str(e) for e in elements}
-    picked = [copy.deepcopy(e) for e, fid in entries_with_fidelity(source) if fid in wanted and within(e, els)]
+    pairs, unknown = entries_with_fidelity(source)
+    picked = [copy.deepcopy(e) for e, fid in pairs if fid in wanted and within(e, els)]
     if not picked:
         raise ThermoError(f"no entries of fidelity {wanted} for thermo type {thermo_type}"
                           + (f" in {'-'.join(sorted(els))}" if els else ""))
     if thermo_type in (R2SCAN, RAW):
-        return ThermoEntries(thermo_type, target, [uncorrected(e) for e in picked])
+        return ThermoEntries(thermo_type, target, [uncorrected(e) for e in picked], unknown)
     if thermo_type == GGA_GGA_U:
         compat = mp2020(check_potcar)
         processed = compat.process_entries(picked, clean=True, inplace=False, on_error="ignore")
         rejects = [{"entry_id": d["entry_id"], "error": _mp2020_reason(compat, e)}
                    for d, e in zip(_reject_missing(picked, processed, ""), _missing(picked, processed), strict=True)]
-        return ThermoEntries(thermo_type, target, list(processed), rejects)
+        return ThermoEntries(thermo_type, target, list(processed), unknown + rejects)
     scheme = MaterialsProjectDFTMixingScheme(compat_1=mp2020(check_potcar), check_potcar=check_potcar)
     for e in picked:
         if not isinstance(e, ComputedStructureEntry):
             raise ThermoError(f"{e.entry_id}: the mixing scheme needs structures (ComputedStructureEntry)")
     processed = scheme.process_entries(picked, clean=True, inplace=False)
     rejects = _reject_missing(picked, processed, "discarded by MaterialsProjectDFTMixingScheme")
-    return ThermoEntries(thermo_type, target, list(processed), rejects)
+    return ThermoEntries(thermo_type, target, list(processed), unknown + rejects)
 
 
 def mp2020_parameters(composition: Composition, compat: MaterialsProject2020Compatibility) -> dict:
