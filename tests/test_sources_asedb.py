@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-import json
-
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
 
-from pipeline.frames import frames_table, row_to_atoms
+from pipeline.frames import frames_table
 from pipeline.sources.asedb import import_ase_db
-from pipeline.sources.stress_check import stress_sign_verdict
+from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 THIN = "orb-models/10_thin_mp_traj_systems.db"
 PLAIN = "orb-models/10_mptraj_systems.db"
@@ -36,14 +33,7 @@ def test_thin_db_keeps_mptrj_metadata(mp_file):
 
 
 def test_stress_sign_is_ase_by_energy_balance(mp_file):
-    rows = [r for r in import_ase_db(mp_file(THIN)).rows if r["material_id"] == "mp-1020019"]
-    calc_id = {r["frame_id"]: json.loads(r["meta"])["calc_id"] for r in rows}
-    rows.sort(key=lambda r: (calc_id[r["frame_id"]], r["ionic_step"]))
-    pairs = [
-        (row_to_atoms(a), row_to_atoms(b))
-        for a, b in itertools.pairwise(rows)
-        if calc_id[a["frame_id"]] == calc_id[b["frame_id"]] and b["ionic_step"] - a["ionic_step"] == 1
-    ]
+    pairs = mptrj_step_pairs(import_ase_db(mp_file(THIN)).rows)
     verdict = stress_sign_verdict(pairs)
     assert verdict.n_pairs == 5
     # measured: 0.0004 eV as stored vs 0.038 eV flipped

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import collections
-import itertools
-
 import ase.io
 import numpy as np
 import pytest
 
 from pipeline.frames import frames_table, row_to_atoms
 from pipeline.sources.extxyz import import_extxyz, split_frames
-from pipeline.sources.stress_check import stress_sign_verdict
+from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 RANDOM = "mattersim/mptrj-random-1k.xyz"
 HIGH = "mattersim/mptrj-highest-stress-1k.xyz"
@@ -77,22 +74,9 @@ def test_limit_and_same_frame_in_two_files_gets_one_id(mp_file, imported):
     assert import_extxyz(mp_file(RANDOM), limit=7).n_ok == 7
 
 
-def _pairs_of_consecutive_steps(frames):
-    by_calc = collections.defaultdict(list)
-    for atoms in frames:
-        task, calc, step = atoms.info["frame_id"].removeprefix("mptrj:").rsplit("-", 2)
-        by_calc[(task, calc)].append((int(step), atoms))
-    for steps in by_calc.values():
-        steps.sort(key=lambda s: s[0])
-        for (s0, a), (s1, b) in itertools.pairwise(steps):
-            if s1 - s0 == 1:
-                yield a, b
-
-
 def test_stress_sign_is_ase_by_energy_balance(imported):
     """Consecutive ionic steps: dE ~ V stress:strain - F.u explains the energies better with the stored sign."""
-    frames = [row_to_atoms(r) for r in imported(HIGH).rows]
-    verdict = stress_sign_verdict(_pairs_of_consecutive_steps(frames))
+    verdict = stress_sign_verdict(mptrj_step_pairs(imported(HIGH).rows))
     assert verdict.n_pairs == 10
     assert verdict.n_labelled_better >= 9
     assert verdict.median_error_as_labelled < verdict.median_error_if_flipped

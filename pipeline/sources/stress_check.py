@@ -15,11 +15,17 @@ ISIF=3 relaxations rely on the same relation; no library exposes it as a check, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import collections
+import itertools
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from ase import Atoms
+
+from pipeline.frames import row_to_atoms
+from pipeline.sources.atoms_frames import MPTRJ_PREFIX
 
 
 @dataclass(frozen=True)
@@ -84,3 +90,22 @@ def stress_sign_verdict(pairs: Iterable[tuple[Atoms, Atoms]]) -> SignVerdict:
         median_error_if_flipped=float(np.median(flipped)),
         median_abs_stress_work=float(np.median([abs(c.stress_work) for c in checks])),
     )
+
+
+def mptrj_step_pairs(rows: Iterable[Mapping[str, Any]]) -> list[tuple[Atoms, Atoms]]:
+    """Consecutive ionic steps of one task and calculation among frame rows with ``mptrj:`` ids, as Atoms."""
+    by_calc: dict[tuple[str, str], list[tuple[int, Mapping[str, Any]]]] = collections.defaultdict(list)
+    for row in rows:
+        if not str(row["frame_id"]).startswith(f"{MPTRJ_PREFIX}:"):
+            continue
+        task, calc, step = str(row["frame_id"]).split(":", 1)[1].rsplit("-", 2)
+        by_calc[(task, calc)].append((int(step), row))
+    pairs = []
+    for steps in by_calc.values():
+        steps.sort(key=lambda s: s[0])
+        pairs += [
+            (row_to_atoms(a), row_to_atoms(b))
+            for (s0, a), (s1, b) in itertools.pairwise(steps)
+            if s1 - s0 == 1
+        ]
+    return pairs

@@ -1,0 +1,147 @@
+"""Importer timings on the shared real files, and the stress-sign evidence quoted in the importer docstrings.
+
+    .venv/bin/python benchmarks/bench_import.py [--repeat 3]
+    .venv/bin/python benchmarks/bench_import.py --stress-evidence [--frames 120]   # needs sevenn
+
+Timings (best of ``--repeat``), each against a baseline measured in the same run:
+
+* extxyz: ``ase.io.read(path, ":")`` (baseline) vs :func:`import_extxyz` (frame-by-frame parse + validated
+  rows) vs import + Arrow table + ``write_import`` to a temporary folder;
+* entry JSON: ``monty.serialization.loadfn`` (baseline) vs :func:`import_entries_json` (+ Arrow table).
+
+``--stress-evidence`` prints, per mattersim file, how the stored stresses compare with SevenNet-0's (an ASE
+calculator: its stress is the strain derivative of its own energy, so it has the ASE sign), and the
+energy-balance verdict of :mod:`pipeline.sources.stress_check` on consecutive MPtrj ionic steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from monty.serialization import loadfn
+
+from pipeline.config import shared_data_dir
+from pipeline.entries import entries_table
+from pipeline.frames import row_to_atoms
+from pipeline.sources.asedb import import_ase_db
+from pipeline.sources.entries_json import import_entries_json
+from pipeline.sources.extxyz import import_extxyz
+from pipeline.sources.files import write_import
+from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
+
+XYZ = ("mptrj-random-1k", "mptrj-highest-stress-1k", "alexandria-random-1k")
+
+
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def timings(data: Path, repeat: int) -> None:
+    print(f"# extxyz import, 1000 frames per file, best of {repeat}")
+    for name in XYZ:
+        path = data / "mattersim" / f"{name}.xyz"
+        base = best_of(lambda path=path: ase.io.read(path, index=":"), repeat)
+        imp = best_of(lambda path=path: import_extxyz(path), repeat)
+
+        def full(path: Path = path) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_import(import_extxyz(path), tmp)
+
+        both = best_of(full, repeat)
+        print(
+            f"{name:26s} ase.io.read {base:6.2f} s   import {imp:6.2f} s ({imp / base:4.2f}x)   "
+            f"import+write {both:6.2f} s ({both / base:4.2f}x)   {1000 / both:6.0f} frames/s end to end"
+        )
+
+    print(f"# entry JSON import, best of {repeat}")
+    for rel in ("emmet/Li-Fe-O.json.gz", "reaction-network/Mn_O_entries.json.gz"):
+        path = data / rel
+        loadfn(path)  # first call pays the one-off pymatgen import of the entry classes
+        base = best_of(lambda path=path: loadfn(path), repeat)
+        imp = best_of(lambda path=path: entries_table(import_entries_json(path).rows), repeat)
+        n = len(loadfn(path))
+        print(
+            f"{rel:40s} loadfn {base:6.2f} s   import+table {imp:6.2f} s ({imp / base:4.2f}x)   "
+            f"{n / imp:6.0f} entries/s"
+        )
+
+
+def _pressure(stress: np.ndarray) -> float:
+    return float(-np.trace(stress) / 3)
+
+
+def stress_evidence(data: Path, n_frames: int) -> None:
+    import torch
+    from sevenn.calculator import SevenNetCalculator
+
+    torch.set_num_threads(1)
+    calc = SevenNetCalculator("7net-0", device="cpu")
+    print(f"# stored stress vs SevenNet-0 stress (ASE sign), first {n_frames} frames with <= 40 atoms")
+    for name in XYZ:
+        rows = [r for r in import_extxyz(data / "mattersim" / f"{name}.xyz").rows if len(r["numbers"]) <= 40]
+        labels, model = [], []
+        for row in rows[:n_frames]:
+            atoms = row_to_atoms(row)
+            labels.append(atoms.get_stress(voigt=False))
+            atoms.calc = calc
+            model.append(atoms.get_stress(voigt=False))
+        lab, mod = np.array(labels), np.array(model)
+        pl = np.array([_pressure(s) for s in lab])
+        pm = np.array([_pressure(s) for s in mod])
+        corr = np.corrcoef(lab.ravel(), mod.ravel())[0, 1]
+        slope = float(np.sum(pl * pm) / np.sum(pm * pm))
+        strong = np.abs(pl) > 0.006
+        agree = int(np.sum(np.sign(pl[strong]) == np.sign(pm[strong])))
+        print(
+            f"{name:26s} corr(components) {corr:+.3f}   pressure corr {np.corrcoef(pl, pm)[0, 1]:+.3f}   "
+            f"slope label/model {slope:+.3f}   same sign where |p|>0.006 eV/A^3: {agree}/{int(strong.sum())}"
+        )
+
+    print("# energy balance of consecutive ionic steps (pipeline.sources.stress_check)")
+    rows = import_extxyz(data / "mattersim" / "mptrj-highest-stress-1k.xyz").rows
+    _print_verdict("mptrj-highest-stress-1k", mptrj_step_pairs(rows))
+    rows = import_ase_db(data / "orb-models" / "10_thin_mp_traj_systems.db").rows
+    _print_verdict("orb 10_thin_mp_traj_systems", mptrj_step_pairs(rows))
+
+
+def _print_verdict(name: str, pairs: list) -> None:
+    v = stress_sign_verdict(pairs)
+    print(
+        f"{name:28s} pairs {v.n_pairs:3d}   stored sign better in {v.n_labelled_better}   median |error| "
+        f"stored {v.median_error_as_labelled:.4f} eV, flipped {v.median_error_if_flipped:.4f} eV   "
+        f"median |stress work| {v.median_abs_stress_work:.4f} eV"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stress-evidence", action="store_true")
+    parser.add_argument("--frames", type=int, default=120)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    data = shared_data_dir()
+    if args.stress_evidence:
+        stress_evidence(data, args.frames)
+    else:
+        timings(data, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
