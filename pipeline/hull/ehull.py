@@ -1,7 +1,7 @@
 """E_hull of predicted energies against two hulls, both reported, never mixed up:
 
-* ``dft``   - the DFT reference hull of the same fidelity (reference phases at their DFT energies);
-* ``model`` - the all-model hull: the same reference phases with energies re-computed by the model, so that
+* ``dft_hull``   - the DFT reference hull of the same fidelity (reference phases at their DFT energies);
+* ``model_hull`` - the all-model hull: the same reference phases with energies re-computed by the model, so that
   candidate and reference share one energy scale (systematic model errors cancel).
 
 Energies are RAW total energies (eV) of the whole cell as the model (or a DFT code) gives them; the corrections
@@ -24,8 +24,8 @@ from pipeline.frames import RecordError
 from pipeline.hull.phase_diagram import ReferenceHull, chemsys_of, decomposition_json, phase_diagram
 from pipeline.hull.thermo import GGA_GGA_U_R2SCAN, correct_like_reference
 
-HULL_DFT = "dft"
-HULL_MODEL = "model"
+HULL_DFT = "dft_hull"
+HULL_MODEL = "model_hull"
 
 
 def prediction_entry(

@@ -196,7 +196,8 @@ def correct_like_reference(entry: ComputedEntry, thermo_type: str, *, check_potc
 
     ``R2SCAN`` / ``raw``: no correction. ``GGA_GGA+U`` and ``GGA_GGA+U_R2SCAN`` (whose hull is on the GGA scale,
     where new GGA(+U) materials take their MP2020 energies): MP2020 corrections, with MP's U values when the entry
-    has no run type. Raises RecordError when pymatgen refuses the entry.
+    has no run type or no ``hubbards`` (a prediction trained on MP data is on MP's U scale). Raises RecordError
+    when pymatgen refuses the entry.
     """
     if thermo_type not in THERMO_TYPES:
         raise ThermoError(f"unknown thermo type {thermo_type!r}; known: {THERMO_TYPES}")
@@ -205,7 +206,7 @@ def correct_like_reference(entry: ComputedEntry, thermo_type: str, *, check_potc
     compat = mp2020(check_potcar)
     out = copy.deepcopy(entry)
     params = dict(out.parameters or {})
-    if normalize_run_type(params.get("run_type")) not in ("GGA", "GGA+U"):
+    if normalize_run_type(params.get("run_type")) not in ("GGA", "GGA+U") or "hubbards" not in params:
         params.update(mp2020_parameters(out.composition, compat))
     out.parameters = params
     try:

@@ -27,11 +27,12 @@ from pymatgen.analysis.phase_diagram import (
 )
 from pymatgen.core import Composition
 
+from pipeline.hull.ehull import HULL_DFT, HULL_MODEL
 from pipeline.io import atomic_path
 from pipeline.report.metrics import regression_metrics
 from pipeline.report.schema import HULL_COLUMNS
 
-HULL_LABELS = {"dft_hull": "vs DFT reference hull", "model_hull": "vs all-model hull"}
+HULL_LABELS = {HULL_DFT: "vs DFT reference hull", HULL_MODEL: "vs all-model hull"}
 
 
 def _save(fig: Figure, path: str | os.PathLike[str], dpi: int = 150) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from pipeline.hull.ehull import HULL_DFT, HULL_MODEL
 from pipeline.schema import _f
 
 REPORT_SCHEMA_VERSION = "1"
@@ -50,7 +51,7 @@ REPORT_SCHEMA = pa.schema(
 )
 
 #: Which report column holds the prediction for each hull kind.
-HULL_COLUMNS = {"dft_hull": "e_hull_pred_dft_hull", "model_hull": "e_hull_pred_model_hull"}
+HULL_COLUMNS = {HULL_DFT: "e_hull_pred_dft_hull", HULL_MODEL: "e_hull_pred_model_hull"}
 
 SUMMARY_SCHEMA = pa.schema(
     [

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.hull.ehull import HULL_DFT, HULL_MODEL
 from pipeline.io import write_json_atomic, write_table_atomic, write_text_atomic
 from pipeline.report.metrics import stable_metrics
 from pipeline.report.plots import HULL_LABELS, parity_plot, phase_diagram_plot
@@ -24,8 +25,8 @@ from pipeline.report.schema import HULL_COLUMNS, RELAX_STATUSES, REPORT_SCHEMA, 
 log = logging.getLogger(__name__)
 
 HULL_DEFINITIONS = {
-    "dft_hull": "predicted energy vs the DFT reference hull of the same fidelity (column e_hull_pred_dft_hull)",
-    "model_hull": "predicted energy vs the all-model hull: reference phases re-computed by the model, one energy "
+    HULL_DFT: "predicted energy vs the DFT reference hull of the same fidelity (column e_hull_pred_dft_hull)",
+    HULL_MODEL: "predicted energy vs the all-model hull: reference phases re-computed by the model, one energy "
                   "scale (column e_hull_pred_model_hull)",
 }
 
