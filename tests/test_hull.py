@@ -159,6 +159,9 @@ def test_fe_li_o_p_patched_equals_full_hull(mp_file):
     assert patched.stable_entry_ids() == te_stable.stable_entry_ids()
     assert len(patched.stable_entry_ids()) == 40
     assert "LiFePO4" in {e.composition.reduced_formula for e in patched.diagram.stable_entries}
+    for e in entries[::40]:
+        assert patched.decomposition_and_e_above_hull(e)[1] == pytest.approx(
+            te_stable.decomposition_and_e_above_hull(e)[1], abs=1e-9)
     sub = build_reference_hull(te, chemsys="Li-Fe-O")
     assert sub.chemsys == "Fe-Li-O"
 

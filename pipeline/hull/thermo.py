@@ -16,9 +16,12 @@ rejects with the reason, never dropped silently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -136,6 +139,17 @@ def _mp2020_reason(compat: MaterialsProject2020Compatibility, entry: ComputedEnt
     return "refused by MaterialsProject2020Compatibility"
 
 
+@contextlib.contextmanager
+def pymatgen_warnings_to_log(what: str) -> Iterator[None]:
+    """Collect the warnings pymatgen raises per entry (e.g. failed oxidation-state guesses) into one log line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if caught:
+        counts = Counter(str(w.message).split(" for Entry")[0].split(" for ")[0][:120] for w in caught)
+        log.info("%s: %d pymatgen warnings: %s", what, len(caught), dict(counts.most_common(3)))
+
+
 def mp2020(check_potcar: bool = False) -> MaterialsProject2020Compatibility:
     """A fresh MP2020 compatibility (never pymatgen's shared default instance)."""
     return MaterialsProject2020Compatibility(check_potcar=check_potcar)
@@ -166,7 +180,8 @@ def thermo_entries(
         return ThermoEntries(thermo_type, target, [uncorrected(e) for e in picked], unknown)
     if thermo_type == GGA_GGA_U:
         compat = mp2020(check_potcar)
-        processed = compat.process_entries(picked, clean=True, inplace=False, on_error="ignore")
+        with pymatgen_warnings_to_log(f"MP2020 on {len(picked)} entries"):
+            processed = compat.process_entries(picked, clean=True, inplace=False, on_error="ignore")
         rejects = [{"entry_id": d["entry_id"], "error": _mp2020_reason(compat, e)}
                    for d, e in zip(_reject_missing(picked, processed, ""), _missing(picked, processed), strict=True)]
         return ThermoEntries(thermo_type, target, list(processed), unknown + rejects)
@@ -174,7 +189,8 @@ def thermo_entries(
     for e in picked:
         if not isinstance(e, ComputedStructureEntry):
             raise ThermoError(f"{e.entry_id}: the mixing scheme needs structures (ComputedStructureEntry)")
-    processed = scheme.process_entries(picked, clean=True, inplace=False)
+    with pymatgen_warnings_to_log(f"mixing scheme on {len(picked)} entries"):
+        processed = scheme.process_entries(picked, clean=True, inplace=False)
     rejects = _reject_missing(picked, processed, "discarded by MaterialsProjectDFTMixingScheme")
     return ThermoEntries(thermo_type, target, list(processed), unknown + rejects)
 
