@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.report.metrics import classify_stable, regression_metrics, stable_metrics
 
@@ -55,3 +57,21 @@ def test_agrees_with_sklearn_on_random_data():
     assert m["r2"] == pytest.approx(sk.r2_score(e_true, e_pred))
     assert m["daf"] == pytest.approx(m["precision"] / y_true.mean())
     assert all(math.isnan(v) for v in regression_metrics([], []).values())
+
+
+finite = st.floats(-1.0, 1.0, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.none(), finite), st.one_of(st.none(), finite)), max_size=40),
+       st.sampled_from([0.0, 0.05, -0.01]))
+def test_counts_and_ratios_are_consistent(pairs, threshold):
+    e_true = [t for t, _ in pairs]
+    e_pred = [p for _, p in pairs]
+    m = stable_metrics(e_true, e_pred, threshold)
+    assert m["tp"] + m["fn"] + m["fp"] + m["tn"] == m["n"] == sum(t is not None for t in e_true)
+    if m["tp"] + m["fp"] > 0 and m["tp"] + m["fn"] > 0:
+        assert m["daf"] == pytest.approx(m["precision"] / m["prevalence"])
+        assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    if not math.isnan(m["mae"]):
+        assert m["mae"] <= m["rmse"] + 1e-12
