@@ -28,7 +28,6 @@ from pipeline.frames import RecordError
 from pipeline.sources.atoms_frames import (
     content_frame_id,
     labelled_atoms_row,
-    mp_run_type,
     mptrj_fields,
     scalar_meta,
 )
@@ -57,10 +56,8 @@ def row_to_frame(
     fields: dict[str, Any] = {}
     uid = data.get("uid", kvp.get("uid"))
     if uid is not None and ("mp_id" in data or "mp_id" in kvp):
-        mp = mptrj_fields(str(uid), str(data.get("mp_id", kvp.get("mp_id"))))
-        fields = {k: mp[k] for k in ("frame_id", "material_id", "task_id", "ionic_step")}
-        fields["run_type"] = mp_run_type(atoms.numbers)
-        meta.update(calc_id=mp["calc_id"], run_type_from="mp-rules")
+        fields, extra = mptrj_fields(str(uid), data.get("mp_id", kvp.get("mp_id")), atoms.numbers)
+        meta.update(extra)
         fidelity = fidelity or "pbe"
     if fidelity is None:
         raise RecordError("fidelity unknown (no MPtrj metadata in the row): pass fidelity=...")

@@ -49,19 +49,22 @@ def content_frame_id(prefix: str, atoms: Atoms, energy: float | None) -> str:
     return f"{prefix}:{h.hexdigest()[:16]}"
 
 
-def mptrj_fields(snapshot_id: str, material_id: str | None = None) -> dict[str, Any]:
-    """Schema fields of an MPtrj frame from its snapshot id (``mp-1768415-0-3`` = task, calc, ionic step)."""
+def mptrj_fields(
+    snapshot_id: str, material_id: str | None, numbers: Iterable[int]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(schema fields, meta) of an MPtrj frame from its snapshot id ``<task_id>-<calc_id>-<ionic_step>``."""
     parts = str(snapshot_id).strip().rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
         raise RecordError(f"MPtrj snapshot id {snapshot_id!r} is not '<task_id>-<calc_id>-<ionic_step>'")
     task_id, calc_id, step = parts
-    return {
+    fields = {
         "frame_id": f"{MPTRJ_PREFIX}:{snapshot_id}",
-        "material_id": material_id,
+        "material_id": None if material_id is None else str(material_id),
         "task_id": task_id,
         "ionic_step": int(step),
-        "calc_id": int(calc_id),
+        "run_type": mp_run_type(numbers),
     }
+    return fields, {"calc_id": int(calc_id), "run_type_from": "mp-rules"}
 
 
 def mp_run_type(numbers: Iterable[int]) -> str:

@@ -58,7 +58,6 @@ from pipeline.sources.atoms_frames import (
     check_units,
     content_frame_id,
     labelled_atoms_row,
-    mp_run_type,
     mptrj_fields,
     scalar_meta,
 )
@@ -146,23 +145,20 @@ def atoms_to_row(
     """One labelled extxyz frame -> schema row (see the module doc for ids and fidelities)."""
     info = dict(atoms.info)
     check_units(info)
-    known = KNOWN_SETS.get(str(info.get("source", "")).strip().lower())
+    set_name = str(info.get("source", "")).strip().lower()
+    source, default_fidelity = KNOWN_SETS.get(set_name, (SOURCE, None))
     fields: dict[str, Any] = {}
-    if known is not None and known[0] == "mptrj-extxyz":
+    meta = dict(meta or {})
+    if set_name == "mptrj":
         if "mptrj_snapshot_id" not in info:
             raise RecordError("MPtrj frame without mptrj_snapshot_id")
-        mp = mptrj_fields(info["mptrj_snapshot_id"], info.get("mptrj_traj_id"))
-        fields = {k: mp[k] for k in ("frame_id", "material_id", "task_id", "ionic_step")}
-        fields["run_type"] = mp_run_type(atoms.numbers)
-        meta = {**(meta or {}), "calc_id": mp["calc_id"], "run_type_from": "mp-rules"}
-    elif known is not None:
+        fields, extra = mptrj_fields(info["mptrj_snapshot_id"], info.get("mptrj_traj_id"), atoms.numbers)
+        meta.update(extra)
+    elif set_name == "alexandria":
         if "alexandria_id" not in info:
             raise RecordError("Alexandria frame without alexandria_id")
-        fields = {
-            "frame_id": f"alexandria:{info['alexandria_id']}",
-            "material_id": str(info["alexandria_id"]),
-        }
-    source, default_fidelity = known if known is not None else (SOURCE, None)
+        alex_id = str(info["alexandria_id"])
+        fields = {"frame_id": f"alexandria:{alex_id}", "material_id": alex_id}
     fidelity = fidelity or default_fidelity
     if fidelity is None:
         raise RecordError(f"fidelity unknown for source {info.get('source')!r}: pass fidelity=...")
@@ -171,7 +167,7 @@ def atoms_to_row(
         fields["frame_id"] = (
             str(info["frame_id"]) if "frame_id" in info else content_frame_id(source, atoms, energy)
         )
-    meta = {**scalar_meta(info, skip=_USED_INFO), **(meta or {})}
+    meta = {**scalar_meta(info, skip=_USED_INFO), **meta}
     return labelled_atoms_row(
         atoms, flip_stress=flip_stress, source=source, fidelity=fidelity, meta=meta, **fields
     )
