@@ -134,3 +134,12 @@ def test_substitution_skips_known_structures(li_fe_o_small, mp_file):
     for r in new_only:
         s = row_structure(r)
         assert not any(matcher.fit(s, k) for k in known if k.composition.reduced_formula == r["formula"])
+
+
+@pytest.mark.shared_data
+def test_substitution_for_target_formulas_only(li_fe_o_small):
+    rows = substitute_prototypes(li_fe_o_small, "Li-Ni-O", target_formulas=["LiNiO2", "Li2NiO3"]).rows
+    assert rows and {r["formula"] for r in rows} <= {"LiNiO2", "Li2NiO3"}
+    assert all(not row_structure(r).site_properties for r in rows)  # no Fe magmoms left on Ni
+    protos = {e.entry_id: e for e in li_fe_o_small}
+    assert {protos[r["origin"]].composition.reduced_formula for r in rows} <= {"LiFeO2", "Li2FeO3"}

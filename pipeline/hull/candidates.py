@@ -23,7 +23,7 @@ import pyarrow as pa
 from ase.io import read as ase_read
 from monty.serialization import loadfn
 from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Element, Structure
+from pymatgen.core import Composition, Element, Structure
 from pymatgen.core.entries import ComputedStructureEntry
 from pymatgen.io.ase import AseAtomsAdaptor
 from pymatgen.io.cif import CifParser
@@ -204,16 +204,21 @@ def substitute_prototypes(
     seed: int = 0,
     mode: str = "electronegativity",
     known: Iterable[Structure] = (),
+    target_formulas: Iterable[str] | None = None,
     matcher: StructureMatcher | None = None,
 ) -> ImportResult:
     """Candidates made by substituting the target's elements into prototypes of other chemical systems.
 
     Prototypes must have exactly as many elements as the target (their chemical system differs from it).
+    ``target_formulas`` (e.g. ``["LiNiO2"]``) keeps only prototypes with the same anonymous formula whose
+    substitution gives one of these compositions.
     Results matching each other or any ``known`` structure (StructureMatcher) are dropped; with
     ``max_candidates``, the substituted structures are visited in an order shuffled with ``seed`` and the first
     ``max_candidates`` unique ones are kept (same seed, same candidates).
     """
     target = chemsys_elements(target_chemsys)
+    wanted = None if target_formulas is None else {Composition(f).reduced_formula for f in target_formulas}
+    wanted_anonymous = None if wanted is None else {Composition(f).anonymized_formula for f in wanted}
     matcher = matcher or StructureMatcher()
     result = ImportResult(SOURCE_SUBSTITUTION)
     made: list[tuple[str, str, dict, Structure]] = []
@@ -221,11 +226,17 @@ def substitute_prototypes(
         elements = sorted(el.symbol for el in proto.composition.elements)
         if elements == target:
             continue  # same system: a known material, not a prototype
+        if wanted_anonymous is not None and proto.composition.anonymized_formula not in wanted_anonymous:
+            continue
         for mapping in element_mappings(elements, target, mode):
+            if wanted is not None and _substituted_formula(proto, mapping) not in wanted:
+                continue
             sub = {a: b for a, b in mapping.items() if a != b}
             cid = f"{pid}:" + ",".join(f"{a}>{b}" for a, b in sorted(sub.items()))
             try:
-                new = proto.copy()
+                new = proto.copy()  # drop site properties: the prototype's magmoms belong to other species
+                for name in list(new.site_properties):
+                    new.remove_site_property(name)
                 new.replace_species(mapping)
                 check_structure(new, cid)
                 made.append((cid, pid, mapping, new))
@@ -236,6 +247,11 @@ def substitute_prototypes(
         result.rows.append(candidate_row(cid, structure, source=SOURCE_SUBSTITUTION, origin=pid,
                                          substitution=mapping, meta={"mode": mode, "seed": seed}))
     return result
+
+
+def _substituted_formula(structure: Structure, mapping: Mapping[str, str]) -> str:
+    comp = structure.composition
+    return Composition({mapping[el.symbol]: amt for el, amt in comp.items()}).reduced_formula
 
 
 def select_unique(
