@@ -10,20 +10,18 @@ import pytest
 from monty.serialization import loadfn
 
 from pipeline.entries import entries_table, row_to_entry
-from pipeline.sources.entries_json import import_entries_json
+from pipeline.sources.entries_json import import_entries_json, read_entries_json
 
 LI_FE_O = "emmet/Li-Fe-O.json.gz"
 ELEMENTS = "matbench-discovery/2023-02-07-mp-elemental-reference-entries.json.gz"
 
 
 def test_li_fe_o_parquet_roundtrip_is_lossless(mp_file, tmp_path):
-    path = mp_file(LI_FE_O)
-    result = import_entries_json(path)
+    entries, result = read_entries_json(mp_file(LI_FE_O))
     assert (result.n_ok, result.n_rejected) == (375, 0)
     pq.write_table(entries_table(result.rows), tmp_path / "e.parquet")
     back = [row_to_entry(r) for r in pq.read_table(tmp_path / "e.parquet").to_pylist()]
-    original = loadfn(path)
-    assert [b.as_dict() for b in back] == [e.as_dict() for e in original]
+    assert [b.as_dict() for b in back] == [e.as_dict() for e in entries]
     rows = {r["entry_id"]: r for r in result.rows}
     assert {r["thermo_type"] for r in result.rows} == {"GGA_GGA+U"}
     assert {r["fidelity"] for r in result.rows} == {"pbe"}
@@ -44,14 +42,12 @@ def test_li_fe_o_parquet_roundtrip_is_lossless(mp_file, tmp_path):
     ],
 )
 def test_shared_entry_sets_import(mp_file, rel, n_total, limit):
-    result = import_entries_json(mp_file(rel), limit=limit)
+    entries, result = read_entries_json(mp_file(rel), limit=limit)
     assert (result.n_ok, result.n_rejected) == (limit or n_total, 0)
     table = entries_table(result.rows)
     assert set(table.column("thermo_type").to_pylist()) == {"GGA_GGA+U"}
-    for row in result.rows[:5]:
-        entry = row_to_entry(row)
-        assert entry.energy == pytest.approx(row["energy"])
-        assert entry.correction == pytest.approx(row["correction"])
+    for row, entry in zip(result.rows[:10], entries, strict=False):
+        assert row_to_entry(row).as_dict() == entry.as_dict()
 
 
 def test_elemental_references_are_computed_entries(mp_file):
@@ -92,3 +88,9 @@ def test_unreadable_file_is_one_reject(tmp_path):
     assert result.n_ok == 0 and result.rejects[0]["record_id"] == "broken.json.gz"
     with pytest.raises(ValueError, match="unknown thermo_type"):
         import_entries_json(path, thermo_type="MP2020")
+
+
+def test_per_record_decoding_equals_monty_loadfn(mp_file):
+    path = mp_file("reaction-network/Mn_O_entries.json.gz")
+    entries, _ = read_entries_json(path)
+    assert [e.as_dict() for e in entries] == [e.as_dict() for e in loadfn(path)]

@@ -71,6 +71,40 @@ def decode_entry(record: Any) -> ComputedEntry:
     return entry
 
 
+def read_entries_json(
+    path: str | Path,
+    *,
+    thermo_type: str = "GGA_GGA+U",
+    source: str = SOURCE,
+    fidelity: str | None = None,
+    limit: int | None = None,
+) -> tuple[list[ComputedEntry], ImportResult]:
+    """The decoded entries that imported, and the import result (rows + rejects); see :func:`import_entries_json`."""
+    if thermo_type not in THERMO_RUN_TYPES:
+        raise ValueError(f"unknown thermo_type {thermo_type!r}; known: {sorted(THERMO_RUN_TYPES)}")
+    path = Path(path)
+    allowed = THERMO_RUN_TYPES[thermo_type]
+    entries: list[ComputedEntry] = []
+    try:
+        records = list(entry_records(read_json(path), path.name))[:limit]
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
+        result = ImportResult(source)
+        result.reject(path.name, RecordError(f"unreadable entries file: {type(exc).__name__}: {exc}"))
+        return entries, result
+
+    def convert(record_id: str, record: Any) -> list[dict[str, Any]]:
+        entry = decode_entry(record)
+        run_type = normalize_run_type((entry.parameters or {}).get("run_type"))
+        if allowed is not None and run_type not in allowed:
+            raise RecordError(f"run_type {run_type!r} does not belong to thermo_type {thermo_type}")
+        meta = {"file": path.name, "record": record_id.rsplit(":", 1)[1]}
+        row = entry_to_row(entry, source=source, thermo_type=thermo_type, fidelity=fidelity, meta=meta)
+        entries.append(entry)
+        return [row]
+
+    return entries, collect(source, records, convert)
+
+
 def import_entries_json(
     path: str | Path,
     *,
@@ -83,23 +117,4 @@ def import_entries_json(
 
     ``fidelity`` overrides the one derived from each entry's run type; ``limit`` keeps the first records only.
     """
-    if thermo_type not in THERMO_RUN_TYPES:
-        raise ValueError(f"unknown thermo_type {thermo_type!r}; known: {sorted(THERMO_RUN_TYPES)}")
-    path = Path(path)
-    allowed = THERMO_RUN_TYPES[thermo_type]
-    try:
-        records = list(entry_records(read_json(path), path.name))[:limit]
-    except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(source)
-        result.reject(path.name, RecordError(f"unreadable entries file: {type(exc).__name__}: {exc}"))
-        return result
-
-    def convert(record_id: str, record: Any) -> list[dict[str, Any]]:
-        entry = decode_entry(record)
-        run_type = normalize_run_type((entry.parameters or {}).get("run_type"))
-        if allowed is not None and run_type not in allowed:
-            raise RecordError(f"run_type {run_type!r} does not belong to thermo_type {thermo_type}")
-        meta = {"file": path.name, "record": record_id.rsplit(":", 1)[1]}
-        return [entry_to_row(entry, source=source, thermo_type=thermo_type, fidelity=fidelity, meta=meta)]
-
-    return collect(source, records, convert)
+    return read_entries_json(path, thermo_type=thermo_type, source=source, fidelity=fidelity, limit=limit)[1]
