@@ -47,6 +47,11 @@ SOURCE_TRAJ = "mp-api"
 
 EnergyLabel = Literal["sigma0", "free"]
 
+
+class IncompleteRecord(RecordError):
+    """A document that is internally inconsistent the way a response cut short is: fetch it again."""
+
+
 #: Largest |E(sigma->0) - E_free| (eV/atom) that smearing can explain; a larger gap means the ionic-step
 #: ``e_0_energy`` is the corrupt value some VASP 5.x versions wrote to vasprun.xml.
 _MAX_SMEARING_GAP = 0.5
@@ -63,7 +68,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _text(value: Any) -> str | None:
+def enum_text(value: Any) -> str | None:
     """Enum, ``{"value": ...}`` dict (serialized emmet enum), MPID or string -> plain string."""
     if value is None:
         return None
@@ -80,7 +85,7 @@ def canonical_task_id(task_id: Any) -> str:
     """MP task id as one stable string: emmet pads alphabetic ids with leading 'a' (its zero digit), so
     ``mp-aaaffhdk`` (a ``TaskDoc`` after validation) and ``mp-ffhdk`` (the stored JSON) are the same task;
     the padding is dropped. Numeric ids (``mp-1201400``) are kept as they are."""
-    text = _text(task_id) or ""
+    text = enum_text(task_id) or ""
     m = _PADDED_ALPHA_ID.match(text)
     return f"{m['prefix']}{m['digits']}" if m else text
 
@@ -93,7 +98,8 @@ def _structure(obj: Any) -> Structure:
     raise RecordError(f"no structure (got {type(obj).__name__})")
 
 
-def _get(obj: Any, key: str, default: Any = None) -> Any:
+def field_value(obj: Any, key: str, default: Any = None) -> Any:
+    """``obj[key]`` for mappings, ``obj.key`` for models (mp-api returns either, per ``use_document_model``)."""
     if isinstance(obj, Mapping):
         return obj.get(key, default)
     return getattr(obj, key, default)
@@ -115,7 +121,7 @@ def sigma0_energy(
     explain) falls back to the ionic ``e_wo_entrp``, which those VASP versions filled with the sigma->0 value.
     """
     if e_fr is not None and last_estep is not None:
-        est_e0, est_fr = _get(last_estep, "e_0_energy"), _get(last_estep, "e_fr_energy")
+        est_e0, est_fr = field_value(last_estep, "e_0_energy"), field_value(last_estep, "e_fr_energy")
         if est_e0 is not None and est_fr is not None:
             return round(float(e_fr) + float(est_e0) - float(est_fr), 8), "e_fr+estep(e_0-e_fr)"
     if e_0 is not None and (e_fr is None or abs(e_0 - e_fr) <= _MAX_SMEARING_GAP * n_atoms):
@@ -198,16 +204,16 @@ def task_doc_frames(
     Raises :class:`RecordError` when the document itself is unusable (no task id, no calculations).
     """
     doc = _plain(doc)
-    task_id = canonical_task_id(_get(doc, "task_id"))
+    task_id = canonical_task_id(field_value(doc, "task_id"))
     if not task_id:
         raise RecordError("task document without task_id")
-    calcs = _get(doc, "calcs_reversed")
+    calcs = field_value(doc, "calcs_reversed")
     if not calcs:
         raise RecordError(f"task {task_id}: no calcs_reversed (request the field from the API)")
     calcs = [_plain(c) for c in calcs]
-    doc_run_type = _text(_get(doc, "run_type"))
-    doc_calc_type = _text(_get(doc, "calc_type")) or _text(_get(doc, "task_type"))
-    mid = material_id or _text(_get(doc, "material_id"))
+    doc_run_type = enum_text(field_value(doc, "run_type"))
+    doc_calc_type = enum_text(field_value(doc, "calc_type")) or enum_text(field_value(doc, "task_type"))
+    mid = material_id or enum_text(field_value(doc, "material_id"))
     rows: list[dict[str, Any]] = []
     rejects: list[tuple[str, Exception]] = []
     n_calcs = len(calcs)
@@ -219,8 +225,8 @@ def task_doc_frames(
         if not steps:
             rejects.append((prefix, RecordError("calculation has no ionic_steps")))
             continue
-        run_type = normalize_run_type(_text(calc.get("run_type")) or doc_run_type)
-        calc_type = _text(calc.get("calc_type")) or (doc_calc_type if is_last else None)
+        run_type = normalize_run_type(enum_text(calc.get("run_type")) or doc_run_type)
+        calc_type = enum_text(calc.get("calc_type")) or (doc_calc_type if is_last else None)
         ctx = _Context(
             task_id=task_id,
             material_id=mid,
@@ -231,7 +237,7 @@ def task_doc_frames(
                 "calc_index": calc_index,
                 "n_calcs": n_calcs,
                 "vasp_version": calc.get("vasp_version"),
-                "task_type": _text(calc.get("task_type")),
+                "task_type": enum_text(calc.get("task_type")),
             },
         )
         for i, step in enumerate(steps):
@@ -282,24 +288,24 @@ def trajectory_frames(
         raise RecordError(f"trajectory {tid}: no ionic steps")
     declared = traj.get("num_ionic_steps")
     if declared is not None and int(declared) != n_steps:
-        raise RecordError(f"trajectory {tid}: num_ionic_steps={declared} but {n_steps} coordinate sets")
+        raise IncompleteRecord(f"trajectory {tid}: num_ionic_steps={declared} but {n_steps} coordinate sets")
     per_step = ("energy", "e_fr_energy", "e_wo_entrp", "forces", "stress", "electronic_steps")
     for key in per_step:
         values = traj.get(key)
         if values is not None and len(values) != n_steps:
-            raise RecordError(f"trajectory {tid}: {key} has {len(values)} steps, cart_coords {n_steps}")
+            raise IncompleteRecord(f"trajectory {tid}: {key} has {len(values)} steps, cart_coords {n_steps}")
     lattices = traj.get("lattice")
     if not lattices or len(lattices) not in (1, n_steps):
-        raise RecordError(f"trajectory {tid}: need 1 or {n_steps} lattices, got {len(lattices or [])}")
+        raise IncompleteRecord(f"trajectory {tid}: need 1 or {n_steps} lattices, got {len(lattices or [])}")
     elements = [int(z) for z in traj.get("elements") or []]
-    run_type = normalize_run_type(_text(traj.get("run_type")))
+    run_type = normalize_run_type(enum_text(traj.get("run_type")))
     ctx = _Context(
         task_id=tid,
         material_id=material_id,
         source=source,
         run_type=run_type,
         calc_type=None,
-        meta={"task_type": _text(traj.get("task_type"))},
+        meta={"task_type": enum_text(traj.get("task_type"))},
     )
     rows, rejects = [], []
     for i in range(n_steps):
@@ -396,7 +402,7 @@ def _records(path_or_docs: str | Path | Iterable[Any] | Mapping[str, Any]) -> It
     else:
         docs, name = path_or_docs, "docs"
     for i, doc in enumerate(docs):
-        tid = canonical_task_id(_get(_plain(doc), "task_id"))
+        tid = canonical_task_id(field_value(_plain(doc), "task_id"))
         yield (tid or f"{name}:{i}"), doc
 
 
@@ -456,8 +462,11 @@ def final_step_energy(doc: Any) -> float:
 
 
 __all__ = [
+    "IncompleteRecord",
     "canonical_task_id",
     "decode_hex_gz_bundle",
+    "enum_text",
+    "field_value",
     "final_step_energy",
     "import_task_docs",
     "import_vasprun",
