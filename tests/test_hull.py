@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 from monty.serialization import loadfn
 from pymatgen.analysis.phase_diagram import PatchedPhaseDiagram, PhaseDiagram
-from pymatgen.core import Composition
-from pymatgen.core.entries import ComputedEntry
+from pymatgen.core import Composition, Lattice, Structure
+from pymatgen.core.entries import ComputedEntry, ComputedStructureEntry
 
 from pipeline.entries import entries_table, entry_to_row
 from pipeline.frames import RecordError
@@ -227,3 +227,15 @@ def test_entries_of_unknown_fidelity_are_rejects_not_crashes():
     te = thermo_entries(entries, RAW, fidelity="gpaw-pbe")
     assert [e.entry_id for e in te.entries] == ["li", "al"]
     assert te.rejects[0]["entry_id"] == "nofid" and "run_type" in te.rejects[0]["error"]
+
+
+def test_mp2020_rejects_wrong_u_with_its_reason():
+    lattice = Lattice.cubic(4.2)
+    nio = ComputedStructureEntry(Structure(lattice, ["Ni", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]]), -10.0,
+                                 parameters={"run_type": "GGA+U", "hubbards": {"Ni": 3.0}}, entry_id="nio-u3")
+    ni = ComputedStructureEntry(Structure(Lattice.cubic(3.5), ["Ni"], [[0, 0, 0]]), -5.0,
+                                parameters={"run_type": "GGA", "hubbards": {}}, entry_id="ni")
+    te = thermo_entries([nio, ni], GGA_GGA_U)
+    assert [e.entry_id for e in te.entries] == ["ni"]
+    assert te.rejects == [{"entry_id": "nio-u3", "error": "MaterialsProject2020Compatibility: CompatibilityError: "
+                                                          "Invalid U value of 3.0 on Ni, expected 6.2"}]

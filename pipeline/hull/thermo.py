@@ -135,7 +135,8 @@ def _mp2020_reason(compat: MaterialsProject2020Compatibility, entry: ComputedEnt
     try:
         compat.process_entry(copy.deepcopy(entry), clean=True, on_error="raise")
     except Exception as exc:  # noqa: BLE001 - only to report pymatgen's reason
-        return f"MaterialsProject2020Compatibility: {type(exc).__name__}: {exc}"
+        reason = str(exc).split(" for {")[0][:300]  # pymatgen appends the whole entry dict
+        return f"MaterialsProject2020Compatibility: {type(exc).__name__}: {reason}"
     return "refused by MaterialsProject2020Compatibility"
 
 
@@ -182,8 +183,7 @@ def thermo_entries(
         compat = mp2020(check_potcar)
         with pymatgen_warnings_to_log(f"MP2020 on {len(picked)} entries"):
             processed = compat.process_entries(picked, clean=True, inplace=False, on_error="ignore")
-        rejects = [{"entry_id": d["entry_id"], "error": _mp2020_reason(compat, e)}
-                   for d, e in zip(_reject_missing(picked, processed, ""), _missing(picked, processed), strict=True)]
+        rejects = [{"entry_id": str(e.entry_id), "error": _mp2020_reason(compat, e)} for e in _missing(picked, processed)]
         return ThermoEntries(thermo_type, target, list(processed), unknown + rejects)
     scheme = MaterialsProjectDFTMixingScheme(compat_1=mp2020(check_potcar), check_potcar=check_potcar)
     for e in picked:
