@@ -24,6 +24,9 @@ KINDS = {
     "matcalc/MP-PBE-Element-Refs.json.gz": "mp-element-refs",
     "emmet/test_si_tasks.json.gz": "task-docs",
     "emmet/mp-1201400_task_doc.json.gz": "task-docs",
+    "emmet/raw_vasp_Si_r2SCAN_relax": "vasprun",
+    "emmet/raw_vasp_Si_r2SCAN_relax/vasprun.xml.gz": "vasprun",
+    "emmet/r2scan_relax_Lu.json.gz": "vasp-bundle",
 }
 
 
@@ -100,3 +103,19 @@ def test_task_docs_go_through_the_taskdocs_importer(mp_file):
     result = import_path(mp_file("emmet/test_si_tasks.json.gz"))
     assert result.n_ok > 0
     assert all("frame_id" in r for r in result.rows)
+
+
+@pytest.mark.parametrize(
+    "rel, n_steps, frame_id",
+    [
+        ("emmet/raw_vasp_Si_r2SCAN_relax", 3, "mp-task:raw_vasp_Si_r2SCAN_relax:0:0"),
+        ("emmet/r2scan_relax_Lu.json.gz", 6, "mp-task:r2scan_relax_Lu:0:0"),
+    ],
+)
+def test_raw_vasp_runs_go_through_the_vasprun_reader(mp_file, rel, n_steps, frame_id):
+    """README: the Si r2SCAN relaxation has 3 ionic steps, the Lu one 6."""
+    pytest.importorskip("pipeline.sources.taskdocs")
+    result = import_path(mp_file(rel))
+    assert (result.n_ok, result.n_rejected) == (n_steps, 0)
+    assert result.rows[0]["frame_id"] == frame_id
+    assert {r["fidelity"] for r in result.rows} == {"r2scan"}

@@ -22,9 +22,11 @@ kind                importer                                               detec
 ``mp-element-refs`` :func:`pipeline.sources.matpes.import_mp_element_refs` JSON ``{el: {structure: [..],
                                                                            energy_per_atom: [..]}}``
 ``task-docs``       ``pipeline.sources.taskdocs.import_task_docs``         JSON records with ``calcs_reversed``
+``vasprun``         :func:`import_vasprun_path` (taskdocs' vasprun reader)  ``vasprun.xml(.gz)``, a VASP run folder
+``vasp-bundle``     :func:`import_vasp_bundle` (idem)                      emmet JSON ``{file: {"0": hex}}``
 ==================  =====================================================  =======================================
 
-JSON files may be gzip-compressed. A folder without ``.res`` files is imported file by file. A file whose kind
+JSON files may be gzip-compressed. A folder without ``.res`` or ``vasprun.xml`` files is imported file by file. A file whose kind
 cannot be told, or that is missing, becomes one reject (the batch carries on).
 """
 
@@ -54,6 +56,8 @@ IMPORTERS: dict[str, tuple[str, str]] = {
     "matpes": ("pipeline.sources.matpes", "import_matpes"),
     "mp-element-refs": ("pipeline.sources.matpes", "import_mp_element_refs"),
     "task-docs": ("pipeline.sources.taskdocs", "import_task_docs"),
+    "vasprun": ("pipeline.sources.files", "import_vasprun_path"),
+    "vasp-bundle": ("pipeline.sources.files", "import_vasp_bundle"),
 }
 
 ENTRY_CLASSES = {"ComputedEntry", "ComputedStructureEntry", "GibbsComputedStructureEntry"}
@@ -69,6 +73,46 @@ def importer(kind: str) -> Callable[..., ImportResult]:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
         raise ImportError(f"importer for {kind!r} ({module}.{name}) is not available: {exc}") from exc
+
+
+def _vasprun_in(folder: Path) -> Path | None:
+    return next((p for p in sorted(folder.glob("vasprun.xml*")) if p.is_file()), None)
+
+
+def import_vasprun_path(path: str | Path, task_id: str | None = None, **options: Any) -> ImportResult:
+    """Frames of a ``vasprun.xml(.gz)`` (or of the one in a VASP run folder) via the task-document importer.
+
+    ``task_id`` defaults to the name of the run folder (it becomes part of the frame ids).
+    """
+    path = Path(path)
+    vasprun = _vasprun_in(path) if path.is_dir() else path
+    folder = path if path.is_dir() else path.parent
+    if vasprun is None:
+        result = ImportResult(SOURCE)
+        result.reject(path.name, RecordError("no vasprun.xml in the folder"))
+        return result
+    taskdocs = importlib.import_module("pipeline.sources.taskdocs")
+    return taskdocs.import_vasprun(vasprun, task_id or folder.name, **options)
+
+
+def import_vasp_bundle(path: str | Path, task_id: str | None = None, **options: Any) -> ImportResult:
+    """Frames of the vasprun.xml inside an emmet hex-encoded raw-VASP bundle (JSON ``{name: {"0": hex}}``).
+
+    ``task_id`` defaults to the file name without its ``.json(.gz)`` suffix.
+    """
+    path = Path(path)
+    taskdocs = importlib.import_module("pipeline.sources.taskdocs")
+    name = task_id or path.name.removesuffix(".gz").removesuffix(".json")
+    try:
+        files = taskdocs.decode_hex_gz_bundle(path)
+        vasprun = files["vasprun.xml"]
+    except Exception as exc:  # noqa: BLE001 - a broken bundle is one reject
+        result = ImportResult(SOURCE)
+        result.reject(
+            path.name, RecordError(f"no readable vasprun.xml in the bundle: {type(exc).__name__}: {exc}")
+        )
+        return result
+    return taskdocs.import_vasprun(vasprun, name, **options)
 
 
 def _first_record(data: Any) -> Any:
@@ -94,6 +138,8 @@ def json_kind(data: Any) -> str:
         return "task-docs"
     if isinstance(rec.get("structure"), list) and isinstance(rec.get("energy_per_atom"), list):
         return "mp-element-refs"
+    if rec and all(str(k).isdigit() and isinstance(v, str) for k, v in rec.items()):
+        return "vasp-bundle"
     raise RecordError(f"JSON records with keys {sorted(rec)[:8]} are of no known kind")
 
 
@@ -103,7 +149,11 @@ def detect_kind(path: str | Path) -> str:
     if path.is_dir():
         if any(path.rglob("*.res")):
             return "res"
-        raise RecordError(f"{path} is a folder without .res files (import its files one by one)")
+        if _vasprun_in(path) is not None:
+            return "vasprun"
+        raise RecordError(
+            f"{path} is a folder without .res or vasprun.xml files (import its files one by one)"
+        )
     if not path.is_file():
         raise RecordError(f"no such file: {path}")
     name = path.name.lower()
@@ -111,6 +161,8 @@ def detect_kind(path: str | Path) -> str:
         return "extxyz"
     if name.endswith(".res"):
         return "res"
+    if name.startswith("vasprun") and name.endswith((".xml", ".xml.gz")):
+        return "vasprun"
     with open(path, "rb") as fh:
         head = fh.read(len(_SQLITE_MAGIC))
     if head == _SQLITE_MAGIC:
@@ -131,7 +183,7 @@ def import_path(path: str | Path, kind: str = "auto", **options: Any) -> ImportR
     path = Path(path)
     if kind != "auto":
         return importer(kind)(path, **options)
-    if path.is_dir() and not any(path.rglob("*.res")):
+    if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
         result = ImportResult(SOURCE)
         for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
             result.extend(import_path(child, **options))
