@@ -223,7 +223,7 @@ def test_api_key_never_reaches_logs_or_files(monkeypatch, caplog, recorded, tmp_
 
 def test_bounded_parallelism(recorded, tmp_path):
     fake = FakeMPRester(data=recorded, latency=0.05)
-    MPIngest(tmp_path, MPResterClient(fake), thermo_types=THERMO, max_workers=2).run(["Si", "Li-Fe-O"])
+    MPIngest(tmp_path, MPResterClient(fake), thermo_types=THERMO, max_workers=2).run(["Si"])  # 3 tasks
     assert fake.max_in_flight == 2
 
 
@@ -289,6 +289,38 @@ def test_retry_policy_and_error_classes():
     with pytest.raises(MPRestError, match="404"):
         call_with_retries(lambda: (_ for _ in ()).throw(err(404)), what="x", policy=RetryPolicy(sleep=sleeps))
     assert len(sleeps) == 2
+
+
+def test_adapter_calls_exist_in_installed_mp_api():
+    """The calls MPResterClient makes (and the fake mimics) exist with these names in mp-api / emmet."""
+    import inspect
+
+    from emmet.core.trajectory import RelaxTrajectory
+    from mp_api.client import MPRester
+    from mp_api.client.routes.materials.materials import MaterialsRester
+    from mp_api.client.routes.materials.tasks import TaskRester
+
+    assert {"elements", "additional_criteria"} <= set(
+        inspect.signature(MPRester.get_entries_in_chemsys).parameters
+    )
+    assert {"material_ids", "fields"} <= set(inspect.signature(MaterialsRester.search).parameters)
+    assert "task_id" in inspect.signature(TaskRester.get_trajectory).parameters
+    assert {"material_id", "calc_types"} <= set(
+        MaterialsRester.document_model.model_json_schema()["properties"]
+    )
+    read_by_us = {
+        "cart_coords",
+        "lattice",
+        "elements",
+        "energy",
+        "e_fr_energy",
+        "e_wo_entrp",
+        "forces",
+        "stress",
+    }
+    assert read_by_us | {"electronic_steps", "identifier", "run_type", "task_type"} <= set(
+        RelaxTrajectory.model_fields
+    )
 
 
 def test_chemsys_helpers():

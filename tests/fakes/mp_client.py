@@ -79,7 +79,7 @@ def _relax_trajectory(
             props["energy" if k == "e_0_energy" else k].append(value)
     props = {k: v for k, v in props.items() if all(x is not None for x in v)}
     traj = RelaxTrajectory._from_dict(props, identifier=task_id, run_type=run_type, task_type=task_type)
-    return traj.model_dump(mode="json")
+    return traj.model_dump()  # what mp-api's get_trajectory returns
 
 
 def _task_doc_trajectory(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
