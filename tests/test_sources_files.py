@@ -27,6 +27,7 @@ KINDS = {
     "emmet/raw_vasp_Si_r2SCAN_relax": "vasprun",
     "emmet/raw_vasp_Si_r2SCAN_relax/vasprun.xml.gz": "vasprun",
     "emmet/r2scan_relax_Lu.json.gz": "vasp-bundle",
+    "matcalc/wbm-random-pbe52-equilibrium-2025.1.json.gz": "wbm",
 }
 
 

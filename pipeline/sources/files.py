@@ -21,6 +21,8 @@ kind                importer                                               detec
 ``matpes``          :func:`pipeline.sources.matpes.import_matpes`          JSON records with ``matpes_id``
 ``mp-element-refs`` :func:`pipeline.sources.matpes.import_mp_element_refs` JSON ``{el: {structure: [..],
                                                                            energy_per_atom: [..]}}``
+``wbm``             :func:`pipeline.sources.wbm.import_wbm`                JSON records with ``structure``,
+                                                                           ``energy`` and ``corrected_energy``
 ``task-docs``       ``pipeline.sources.taskdocs.import_task_docs``         JSON records with ``calcs_reversed``
 ``vasprun``         :func:`import_vasprun_path` (taskdocs' vasprun reader)  ``vasprun.xml(.gz)``, a VASP run folder
 ``vasp-bundle``     :func:`import_vasp_bundle` (idem)                      emmet JSON ``{file: {"0": hex}}``
@@ -56,6 +58,7 @@ IMPORTERS: dict[str, tuple[str, str]] = {
     "matpes": ("pipeline.sources.matpes", "import_matpes"),
     "mp-element-refs": ("pipeline.sources.matpes", "import_mp_element_refs"),
     "task-docs": ("pipeline.sources.taskdocs", "import_task_docs"),
+    "wbm": ("pipeline.sources.wbm", "import_wbm"),
     "vasprun": ("pipeline.sources.files", "import_vasprun_path"),
     "vasp-bundle": ("pipeline.sources.files", "import_vasp_bundle"),
 }
@@ -138,6 +141,8 @@ def json_kind(data: Any) -> str:
         return "task-docs"
     if isinstance(rec.get("structure"), list) and isinstance(rec.get("energy_per_atom"), list):
         return "mp-element-refs"
+    if {"structure", "energy", "corrected_energy"} <= set(rec):
+        return "wbm"
     if rec and all(str(k).isdigit() and isinstance(v, str) for k, v in rec.items()):
         return "vasp-bundle"
     raise RecordError(f"JSON records with keys {sorted(rec)[:8]} are of no known kind")
