@@ -31,7 +31,7 @@ from pymatgen.io.cif import CifParser
 from pipeline.entries import row_to_entry
 from pipeline.frames import RecordError
 from pipeline.hull.phase_diagram import chemsys_elements
-from pipeline.schema import _f
+from pipeline.schema import CANDIDATES_SCHEMA
 from pipeline.sources.base import ImportResult
 
 SOURCE_FILE = "file"
@@ -39,20 +39,6 @@ SOURCE_SUBSTITUTION = "substitution"
 #: Atoms closer than this (Angstrom) make a structure invalid.
 MIN_DISTANCE = 0.5
 
-CANDIDATES_SCHEMA = pa.schema(
-    [
-        _f("candidate_id", pa.string(), "Key: '<file name>[:<index>]' or '<prototype id>:<A>><X>,...'.", False),
-        _f("formula", pa.string(), "Reduced formula, e.g. 'LiNiO2'.", False),
-        _f("chemsys", pa.string(), "Sorted element symbols joined by '-'.", False),
-        _f("source", pa.string(), "'file' (user file) or 'substitution' (prototype substitution).", False),
-        _f("origin", pa.string(), "File path (and frame index), or the prototype's entry/material id.", False),
-        _f("substitution", pa.string(), "JSON {prototype element: target element}; null for files."),
-        _f("nsites", pa.int32(), "Number of sites.", False),
-        _f("structure", pa.string(), "pymatgen Structure.as_dict() as JSON (Angstrom).", False),
-        _f("meta", pa.string(), "JSON object with other provenance."),
-    ],
-    metadata={"name": "candidates", "schema_version": "1"},
-)
 
 
 def check_structure(structure: Structure, name: str) -> Structure:
