@@ -148,3 +148,23 @@ def test_stress_sign_matches_sevenn_model(imported):
         model.append(atoms.get_stress())
     corr = np.corrcoef(np.ravel(labels), np.ravel(model))[0, 1]
     assert corr > 0.9  # measured 0.983 on 120 frames; a flipped sign would give a negative correlation
+
+
+def test_labels_under_other_names(mp_file, tmp_path):
+    """MACE-style files keep labels as REF_energy / REF_forces / REF_stress: label_keys maps them back."""
+    text = _frames_text(mp_file(ALEX), 1)[0]
+    renamed = (
+        text.replace(" energy=", " REF_energy=", 1)
+        .replace(" stress=", " REF_stress=", 1)
+        .replace(":forces:R:3", ":REF_forces:R:3", 1)
+    )
+    path = tmp_path / "ref.xyz"
+    path.write_text(renamed)
+    assert "no labels" in import_extxyz(path).rejects[0]["error"]
+    keys = {"energy": "REF_energy", "forces": "REF_forces", "stress": "REF_stress"}
+    row = import_extxyz(path, label_keys=keys).rows[0]
+    original = import_extxyz(mp_file(ALEX), limit=1).rows[0]
+    for key in ("frame_id", "energy", "forces", "stress"):
+        assert row[key] == original[key]
+    with pytest.raises(ValueError, match="label_keys"):
+        import_extxyz(path, label_keys={"dipole": "REF_dipole"})

@@ -46,12 +46,14 @@ mp-675106, mp-675893) overstate the energy change along the trajectory by 4-10x 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ase.io
+import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from pipeline.frames import RecordError
 from pipeline.sources.atoms_frames import (
@@ -135,6 +137,26 @@ def _read_frame(text: str) -> Atoms:
         raise RecordError(f"unparseable extxyz frame: {exc}") from exc
 
 
+def _check_label_keys(label_keys: Mapping[str, str]) -> None:
+    unknown = set(label_keys) - {"energy", "forces", "stress"}
+    if unknown:
+        raise ValueError(f"label_keys may name energy, forces and stress, not {sorted(unknown)}")
+
+
+def relabel(atoms: Atoms, label_keys: Mapping[str, str]) -> Atoms:
+    """Move labels stored under other names (e.g. ``{"energy": "REF_energy", "forces": "REF_forces",
+    "stress": "REF_stress"}``, as MACE-style training files have them) onto a SinglePointCalculator."""
+    _check_label_keys(label_keys)
+    results: dict[str, Any] = dict(atoms.calc.results) if atoms.calc is not None else {}
+    for label, key in label_keys.items():
+        store = atoms.arrays if label == "forces" else atoms.info
+        if key in store:
+            value = np.asarray(store.pop(key), dtype=float)
+            results[label] = value.reshape(3, 3) if label == "stress" and value.size == 9 else value
+    atoms.calc = SinglePointCalculator(atoms, **results) if results else None
+    return atoms
+
+
 def atoms_to_row(
     atoms: Atoms,
     *,
@@ -174,13 +196,21 @@ def atoms_to_row(
 
 
 def import_extxyz(
-    path: str | Path, *, fidelity: str | None = None, flip_stress: bool = False, limit: int | None = None
+    path: str | Path,
+    *,
+    fidelity: str | None = None,
+    flip_stress: bool = False,
+    limit: int | None = None,
+    label_keys: Mapping[str, str] | None = None,
 ) -> ImportResult:
     """Frame rows of every frame of an extxyz file (``limit``: only the first ``limit`` frames).
 
     ``fidelity`` overrides the fidelity of recognised sets and is required for others; ``flip_stress`` for
-    files whose stress uses the VASP sign (compressive positive, still in eV/A^3).
+    files whose stress uses the VASP sign (compressive positive, still in eV/A^3); ``label_keys`` for files
+    whose labels have other names (see :func:`relabel`).
     """
+    if label_keys:
+        _check_label_keys(label_keys)
     path = Path(path)
     text = path.read_text()
 
@@ -195,6 +225,8 @@ def import_extxyz(
             raise chunk
         index = int(record_id.rsplit(":", 1)[1])
         atoms = _read_frame(chunk)
+        if label_keys:
+            relabel(atoms, label_keys)
         return [
             atoms_to_row(
                 atoms, fidelity=fidelity, flip_stress=flip_stress, meta={"file": path.name, "index": index}
