@@ -426,10 +426,14 @@ def import_task_docs(
         except Exception as exc:  # noqa: BLE001 - a bad document is reported, the batch carries on
             result.reject(record_id, exc)
             continue
-        result.rows.extend(rows)
-        for step_id, exc in rejects:
-            result.reject(step_id, exc)
+        _extend(result, rows, rejects)
     return result
+
+
+def _extend(result: ImportResult, rows: list[dict[str, Any]], rejects: list[tuple[str, Exception]]) -> None:
+    result.rows.extend(rows)
+    for step_id, exc in rejects:
+        result.reject(step_id, exc)
 
 
 def import_vasprun(
@@ -448,9 +452,7 @@ def import_vasprun(
     except Exception as exc:  # noqa: BLE001
         result.reject(task_id, exc)
         return result
-    result.rows.extend(rows)
-    for step_id, exc in rejects:
-        result.reject(step_id, exc)
+    _extend(result, rows, rejects)
     return result
 
 
