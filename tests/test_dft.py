@@ -1,0 +1,139 @@
+"""The DFT labeller: error handling with small ASE calculators, and one tiny real GPAW calculation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.emt import EMT
+
+from pipeline.frames import frames_table, row_to_atoms
+from pipeline.sources.dft import R2SCAN_XC, Fidelity, GpawSettings, LabelError, Labeller, gpaw_fidelities
+
+
+class Exploding(Calculator):
+    """A calculator whose SCF 'does not converge' for cells with more than ``max_atoms`` atoms."""
+
+    implemented_properties = ("energy", "forces", "stress")
+
+    def __init__(self, max_atoms: int = 1, **kw):
+        super().__init__(**kw)
+        self.max_atoms = max_atoms
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        if len(self.atoms) > self.max_atoms:
+            raise RuntimeError("SCF did not converge in 333 iterations")
+        self.results = {"energy": -1.0 * len(self.atoms), "forces": np.zeros((len(self.atoms), 3)),
+                        "stress": np.zeros(6)}
+
+
+class NoStress(Calculator):
+    """Energies and forces only (like a meta-GGA code without stress)."""
+
+    implemented_properties = ("energy", "forces")
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results = {"energy": -2.0, "forces": np.zeros((len(self.atoms), 3))}
+
+
+class NaNEnergy(NoStress):
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results["energy"] = float("nan")
+
+
+def _labeller(**factories) -> Labeller:
+    return Labeller({name: Fidelity(name, f, run_type="PBE", settings={"k": 1}, settings_hash="abc")
+                     for name, f in factories.items()}, source="test")
+
+
+def test_failed_calculation_is_recorded_and_batch_carries_on():
+    lab = _labeller(toy=lambda atoms: Exploding(max_atoms=1))
+    al1, al2, li1 = bulk("Al", "fcc", a=4.0), bulk("Al", "fcc", a=4.0).repeat((2, 1, 1)), bulk("Li", "bcc", a=3.4)
+    seen = []
+    result = lab.label_many([("a", al1, {"kind": "x"}), ("b", al2, None), ("c", li1, None)], "toy", on_row=seen.append)
+    assert [r["frame_id"] for r in result.rows] == ["a", "c"] == [r["frame_id"] for r in seen]
+    assert result.n_rejected == 1
+    reject = result.rejects[0]
+    assert reject["record_id"] == "b"
+    assert "SCF did not converge" in reject["error"] and "LabelError" in reject["error"]
+    assert result.rejects_table().num_rows == 1
+    meta = json.loads(result.rows[0]["meta"])
+    assert meta["kind"] == "x" and meta["settings_hash"] == "abc" and meta["seconds"] >= 0
+
+
+def test_missing_stress_is_recorded_as_missing():
+    row = _labeller(toy=lambda atoms: NoStress()).label(bulk("Al", "fcc", a=4.0), "toy", "f1")
+    assert row["has_energy"] and row["has_forces"] and not row["has_stress"]
+    assert row["stress"] is None and row["fidelity"] == "toy" and row["source"] == "test"
+    assert frames_table([row]).num_rows == 1
+
+
+def test_non_finite_energy_and_unknown_fidelity_raise_label_error():
+    lab = _labeller(toy=lambda atoms: NaNEnergy())
+    with pytest.raises(LabelError, match="non-finite"):
+        lab.label(bulk("Al", "fcc", a=4.0), "toy", "f1")
+    with pytest.raises(LabelError, match="unknown fidelity 'pbe'"):
+        lab.label(bulk("Al", "fcc", a=4.0), "pbe", "f1")
+    with pytest.raises(ValueError):
+        Labeller({})
+
+
+def test_label_does_not_touch_the_input_atoms():
+    atoms = bulk("Al", "fcc", a=4.0)
+    _labeller(emt=lambda a: EMT()).label(atoms, "emt", "f1")
+    assert atoms.calc is None
+
+
+def test_relax_with_any_ase_calculator_records_every_ionic_step():
+    """EMT stands in for VASP/GPAW: the relaxation and its frames need nothing code-specific."""
+    lab = _labeller(emt=lambda atoms: EMT())
+    start = bulk("Al", "fcc", a=4.2, cubic=True)
+    relaxed, rows = lab.relax(start, "emt", "gpaw:Al:emt:relax", fmax=0.01, steps=60)
+    assert len(rows) >= 2
+    assert [r["ionic_step"] for r in rows] == list(range(len(rows)))
+    assert rows[0]["frame_id"] == "gpaw:Al:emt:relax:0"
+    assert rows[-1]["energy"] < rows[0]["energy"]
+    assert abs(relaxed.get_volume() / 4 - 4.05**3 / 4) < 1.0  # EMT Al lattice ~4.05 A
+    assert np.allclose(row_to_atoms(rows[-1]).get_potential_energy(), relaxed.get_potential_energy())
+    assert all(json.loads(r["meta"])["kind"] == "relax-step" for r in rows)
+
+
+def test_relax_that_does_not_converge_raises():
+    lab = _labeller(emt=lambda atoms: EMT())
+    with pytest.raises(LabelError, match="not converged"):
+        lab.relax(bulk("Al", "fcc", a=4.6, cubic=True), "emt", "x", fmax=1e-4, steps=2)
+
+
+def test_gpaw_settings_hash_separates_energy_scales():
+    pbe = GpawSettings()
+    assert pbe.settings_hash() == GpawSettings().settings_hash()
+    assert pbe.settings_hash() != GpawSettings(xc=R2SCAN_XC).settings_hash()
+    assert pbe.settings_hash() != GpawSettings(ecut=400).settings_hash()
+    fids = gpaw_fidelities(pbe)
+    assert set(fids) == {"gpaw-pbe", "gpaw-r2scan"}
+    assert fids["gpaw-r2scan"].settings["xc"] == R2SCAN_XC
+    assert fids["gpaw-r2scan"].settings["ecut"] == pbe.ecut
+    assert fids["gpaw-pbe"].run_type == "PBE" and fids["gpaw-r2scan"].run_type == "R2SCAN"
+
+
+def test_gpaw_tiny_real_calculation():
+    pytest.importorskip("gpaw", reason="GPAW not installed (optional extra 'dft': scripts/install_dft.sh)")
+    cheap = GpawSettings(ecut=200, kpoint_density=1.5)
+    lab = Labeller(gpaw_fidelities(cheap))
+    atoms = bulk("Al", "fcc", a=4.05).repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=1)
+    row = lab.label(atoms, "gpaw-pbe", "gpaw:test:Al2")
+    assert row["fidelity"] == "gpaw-pbe" and row["run_type"] == "PBE" and row["source"] == "gpaw"
+    assert row["has_energy"] and row["has_forces"] and row["has_stress"]
+    assert -4.5 < row["energy"] / 2 < -3.0  # GPAW PBE Al: about -3.7 eV/atom on its reference scale
+    forces = np.asarray(row["forces"])
+    assert np.abs(forces).max() > 1e-3  # rattled: non-zero forces
+    assert np.allclose(forces.sum(axis=0), 0.0, atol=1e-3)
+    meta = json.loads(row["meta"])
+    assert meta["software"]["gpaw"] and meta["settings"]["ecut"] == 200
