@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import ase.io
 import numpy as np
 import pytest
@@ -168,3 +170,11 @@ def test_labels_under_other_names(mp_file, tmp_path):
         assert row[key] == original[key]
     with pytest.raises(ValueError, match="label_keys"):
         import_extxyz(path, label_keys={"dipole": "REF_dipole"})
+
+
+def test_gzipped_file_and_missing_file(mp_file, tmp_path):
+    path = tmp_path / "three.xyz.gz"
+    path.write_bytes(gzip.compress("".join(_frames_text(mp_file(RANDOM), 3)).encode()))
+    assert import_extxyz(path).n_ok == 3
+    missing = import_extxyz(tmp_path / "none.xyz")
+    assert missing.n_ok == 0 and "unreadable extxyz file" in missing.rejects[0]["error"]

@@ -45,6 +45,7 @@ mp-675106, mp-675893) overstate the energy change along the trajectory by 4-10x 
 
 from __future__ import annotations
 
+import gzip
 import io
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -203,7 +204,7 @@ def import_extxyz(
     limit: int | None = None,
     label_keys: Mapping[str, str] | None = None,
 ) -> ImportResult:
-    """Frame rows of every frame of an extxyz file (``limit``: only the first ``limit`` frames).
+    """Frame rows of every frame of an extxyz file, plain or gzipped (``limit``: the first frames only).
 
     ``fidelity`` overrides the fidelity of recognised sets and is required for others; ``flip_stress`` for
     files whose stress uses the VASP sign (compressive positive, still in eV/A^3); ``label_keys`` for files
@@ -212,7 +213,13 @@ def import_extxyz(
     if label_keys:
         _check_label_keys(label_keys)
     path = Path(path)
-    text = path.read_text()
+    try:
+        raw = path.read_bytes()
+        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        result = ImportResult(SOURCE)
+        result.reject(path.name, RecordError(f"unreadable extxyz file: {type(exc).__name__}: {exc}"))
+        return result
 
     def records() -> Iterator[tuple[str, str | Exception]]:
         for index, chunk in split_frames(text):

@@ -13,7 +13,7 @@ Kinds and their detection in ``auto`` mode:
 ==================  =====================================================  =======================================
 kind                importer                                               detected from
 ==================  =====================================================  =======================================
-``extxyz``          :func:`pipeline.sources.extxyz.import_extxyz`          ``.xyz`` / ``.extxyz``
+``extxyz``          :func:`pipeline.sources.extxyz.import_extxyz`          ``.xyz`` / ``.extxyz`` (``.gz`` too)
 ``ase-db``          :func:`pipeline.sources.asedb.import_ase_db`           ``.db`` / ``.sqlite`` (SQLite header)
 ``res``             :func:`pipeline.sources.res.import_res`                ``.res``, a tar of them, a folder of them
 ``entries-json``    :func:`pipeline.sources.entries_json.import_entries_json`  JSON whose records have ``@class``
@@ -162,7 +162,7 @@ def detect_kind(path: str | Path) -> str:
     if not path.is_file():
         raise RecordError(f"no such file: {path}")
     name = path.name.lower()
-    if name.endswith((".xyz", ".extxyz")):
+    if name.endswith((".xyz", ".extxyz", ".xyz.gz", ".extxyz.gz")):
         return "extxyz"
     if name.endswith(".res"):
         return "res"
