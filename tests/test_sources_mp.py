@@ -334,3 +334,9 @@ def test_chemsys_helpers():
 
 def test_lu_bundle_is_readable(mp_file):
     assert set(decode_hex_gz_bundle(mp_file("emmet/r2scan_relax_Lu.json.gz"))) >= {"vasprun.xml", "INCAR"}
+
+
+def test_unreadable_state_is_a_clear_error(recorded, tmp_path):
+    (tmp_path / "state.json").write_text('{"done": [')
+    with pytest.raises(ValueError, match="state.json: unreadable ingestion state"):
+        MPIngest(tmp_path, _client(recorded))

@@ -27,6 +27,7 @@ the first one stored is kept. Requested systems that are subsystems of another r
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -115,9 +116,12 @@ class _State:
         self.path = path
         data: dict[str, Any] = {}
         if path.exists():
-            import json
-
-            data = json.loads(path.read_text())
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as exc:
+                raise ValueError(
+                    f"{path}: unreadable ingestion state ({exc}); delete it to start over"
+                ) from exc
         self.done: set[str] = set(data.get("done", []))
         self.materials: dict[str, dict[str, str]] = dict(data.get("materials", {}))
         self.failed: dict[str, str] = dict(data.get("failed", {}))

@@ -209,7 +209,10 @@ def task_doc_frames(
         raise RecordError("task document without task_id")
     calcs = field_value(doc, "calcs_reversed")
     if not calcs:
-        raise RecordError(f"task {task_id}: no calcs_reversed (request the field from the API)")
+        raise RecordError(
+            f"task {task_id}: no calcs_reversed (mp-api's CoreTaskDoc has no ionic steps: use "
+            "MPRester().materials.tasks.get_trajectory and trajectory_frames)"
+        )
     calcs = [_plain(c) for c in calcs]
     doc_run_type = enum_text(field_value(doc, "run_type"))
     doc_calc_type = enum_text(field_value(doc, "calc_type")) or enum_text(field_value(doc, "task_type"))
