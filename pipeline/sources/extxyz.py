@@ -9,11 +9,11 @@ Recognised sets (``source`` key of the frame's info line, as written by the matt
   ``mptrj_snapshot_id`` (``<task_id>-<calc_id>-<ionic_step>``) gives ``frame_id = mptrj:<snapshot id>``,
   task id and ionic step; ``mptrj_traj_id`` is the material id. MPtrj does not record GGA vs GGA+U per frame:
   ``run_type`` follows MP's own rule (:func:`pipeline.sources.atoms_frames.mp_run_type`).
-* ``source=Alexandria``: Alexandria PBE frames -> fidelity ``alexandria-pbe``. Alexandria runs VASP PBE(+U)
-  with MP-compatible settings, but its own POTCAR set (PBE 5.4), k-point density and code versions, so its
-  total energies are not guaranteed on MP's GGA scale; a separate fidelity name keeps them from being mixed
-  with ``pbe`` energies without a fitted shift. ``alexandria_id`` is the material id; ``frame_id =
-  alexandria:<id>``.
+* ``source=Alexandria``: Alexandria PBE frames -> fidelity ``alexandria-pbe``. Alexandria is a separate
+  database computed with its own workflow: MP-compatible PBE(+U) parameters, but not MP's exact runs (code
+  versions, k-point meshes, relaxation protocol), so its total energies are not guaranteed to sit on MP's
+  GGA scale. A separate fidelity name keeps them from being mixed with ``pbe`` energies unless a model or a
+  fitted shift says they may be. ``alexandria_id`` is the material id; ``frame_id = alexandria:<id>``.
 * Anything else needs ``fidelity=`` from the caller; the frame id is then a content hash unless the frame
   carries ``frame_id`` in its info.
 
@@ -27,7 +27,8 @@ so no conversion is applied (``flip_stress=True`` exists for files that do not):
    energy, hence ASE sign by construction) on the first 120 frames with <= 40 atoms of each file
    (``benchmarks/bench_import.py --stress-evidence`` reproduces it): ``mptrj-random-1k``: correlation of all
    9 stress components with the model 0.983, least-squares slope of the label pressure on the model pressure
-   0.98; ``mptrj-highest-stress-1k``: slope 1.01 (correlation of components 0.46, these are outliers).
+   0.98, same sign in 30/30 frames with |pressure| > 0.006 eV/A^3; ``mptrj-highest-stress-1k``: slope 1.01,
+   same sign in 106/120 (correlation of components 0.46: these are outliers, see below).
    Flipping the sign would give correlation -0.98. ``alexandria-random-1k`` is almost stress-free (5-95 %
    pressure range -0.002 .. 0.004 eV/A^3, below the model's error); on its 26 frames with
    |pressure| > 0.006 eV/A^3 the pressure correlates +0.59 with the model (17/26 same sign): weaker, but
