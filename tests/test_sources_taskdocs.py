@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.frames import RecordError, frames_table
 from pipeline.sources.taskdocs import (
+    IncompleteRecord,
     decode_hex_gz_bundle,
     final_step_energy,
     import_task_docs,
@@ -266,3 +267,18 @@ def test_bad_file_is_one_reject(tmp_path):
     assert (
         task_doc_frames({"task_id": "mp-2", "calcs_reversed": [{"output": {}}]})[1][0][0] == "mp-task:mp-2:0"
     )
+
+
+def test_trajectory_with_one_constant_lattice(lu_vasprun):
+    """emmet stores a single lattice when the cell is fixed (e.g. elastic deformations): every frame gets it."""
+    from emmet.core.trajectory import RelaxTrajectory
+
+    traj = RelaxTrajectory.from_vasprun(lu_vasprun, identifier="mp-lu", run_type="r2SCAN").model_dump()
+    traj["lattice"] = traj["lattice"][:1]
+    rows, rejects = trajectory_frames(traj, material_id="mp-x")
+    assert not rejects and len(rows) == 6
+    assert all(np.allclose(r["cell"], traj["lattice"][0]) for r in rows)
+    assert {r["material_id"] for r in rows} == {"mp-x"} and rows[0]["task_id"] == "mp-lu"
+    traj["lattice"] = traj["lattice"] * 2
+    with pytest.raises(IncompleteRecord, match="lattices"):
+        trajectory_frames(traj)
