@@ -340,3 +340,26 @@ def test_unreadable_state_is_a_clear_error(recorded, tmp_path):
     (tmp_path / "state.json").write_text('{"done": [')
     with pytest.raises(ValueError, match="state.json: unreadable ingestion state"):
         MPIngest(tmp_path, _client(recorded))
+
+
+def test_ingested_r2scan_entries_reproduce_mps_hull(clean_run, mp_file):
+    """End to end: the R2SCAN entries stored by the ingestion rebuild MP's R2SCAN hull of Li-Ni-O exactly
+    (stable set = the 13 entries MP reported with energy_above_hull == 0, shared eah0 archive)."""
+    import tarfile
+
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+
+    from pipeline.entries import row_to_entry
+
+    rows = read_outputs(clean_run[0])["entries"].to_pylist()
+    lini_o = {"Li", "Ni", "O"}
+    entries = [
+        row_to_entry(r)
+        for r in rows
+        if r["thermo_type"] == "R2SCAN" and set(r["chemsys"].split("-")) <= lini_o
+    ]
+    assert len(entries) == 51
+    stable = {e.entry_id for e in PhaseDiagram(entries).stable_entries}
+    with tarfile.open(mp_file("mp-res_Li-Ni-O/Li-Ni-O_eah0.res.tar")) as tar:
+        expected = {Path(m.name).stem for m in tar.getmembers() if m.name.endswith("-R2SCAN.res")}
+    assert len(expected) == 13 and stable == expected
