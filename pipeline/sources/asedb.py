@@ -32,6 +32,7 @@ from pipeline.sources.atoms_frames import (
     scalar_meta,
 )
 from pipeline.sources.base import ImportResult, collect
+from pipeline.sources.fileio import failed_file
 
 SOURCE = "ase-db"
 
@@ -77,19 +78,14 @@ def import_ase_db(
     A file that is missing or not an ASE database becomes a single reject naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        result = ImportResult(SOURCE)
-        result.reject(path.name, FileNotFoundError(f"no ASE database at {path}"))
-        return result
-
     try:
+        if not path.is_file():
+            raise FileNotFoundError(f"no ASE database at {path}")
         db = connect(str(path), type="db")
         rows: list[AtomsRow] = list(db.select(limit=limit))
         fidelity = fidelity or (db.metadata or {}).get("fidelity")
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(SOURCE)
-        result.reject(path.name, RecordError(f"unreadable ASE database: {exc}"))
-        return result
+        return failed_file(SOURCE, path, "ASE database", exc)
 
     def records() -> Iterator[tuple[str, AtomsRow]]:
         for row in rows:

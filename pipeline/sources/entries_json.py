@@ -14,8 +14,6 @@ for uncorrected sets. Entries keep everything pymatgen needs to rebuild them exa
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from pymatgen.core.entries import ComputedEntry
 from pipeline.entries import entry_to_row, normalize_run_type
 from pipeline.frames import RecordError
 from pipeline.sources.base import ImportResult, collect
+from pipeline.sources.fileio import failed_file, read_json
 
 SOURCE = "entries-json"
 
@@ -36,12 +35,6 @@ THERMO_RUN_TYPES: dict[str, set[str] | None] = {
     "GGA_GGA+U_R2SCAN": {"GGA", "GGA+U", "R2SCAN"},
     "raw": None,
 }
-
-
-def read_json(path: str | Path) -> Any:
-    """Parsed JSON of a plain or gzip-compressed file."""
-    raw = Path(path).read_bytes()
-    return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
 
 
 def entry_records(data: Any, name: str) -> Iterator[tuple[str, Any]]:
@@ -88,9 +81,7 @@ def read_entries_json(
     try:
         records = list(entry_records(read_json(path), path.name))[:limit]
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(source)
-        result.reject(path.name, RecordError(f"unreadable entries file: {type(exc).__name__}: {exc}"))
-        return entries, result
+        return entries, failed_file(source, path, "entries file", exc)
 
     def convert(record_id: str, record: Any) -> list[dict[str, Any]]:
         entry = decode_entry(record)

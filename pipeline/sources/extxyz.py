@@ -46,7 +46,6 @@ mp-675106, mp-675893) overstate the energy change along the trajectory by 4-10x 
 
 from __future__ import annotations
 
-import gzip
 import io
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,6 +65,7 @@ from pipeline.sources.atoms_frames import (
     scalar_meta,
 )
 from pipeline.sources.base import ImportResult, collect
+from pipeline.sources.fileio import failed_file, read_bytes
 
 SOURCE = "extxyz"
 
@@ -215,12 +215,9 @@ def import_extxyz(
         _check_label_keys(label_keys)
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+        text = read_bytes(path).decode()
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        result = ImportResult(SOURCE)
-        result.reject(path.name, RecordError(f"unreadable extxyz file: {type(exc).__name__}: {exc}"))
-        return result
+        return failed_file(SOURCE, path, "extxyz file", exc)
 
     def records() -> Iterator[tuple[str, str | Exception]]:
         for index, chunk in split_frames(text):

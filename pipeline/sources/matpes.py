@@ -37,7 +37,7 @@ from pymatgen.core.entries import ComputedStructureEntry
 from pipeline.entries import entry_to_row
 from pipeline.frames import RecordError, frame_row
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.entries_json import read_json
+from pipeline.sources.fileio import failed_file, read_json
 from pipeline.units import vasp_kbar_to_ase_stress
 
 SOURCE = "matpes"
@@ -167,9 +167,7 @@ def import_matpes(path: str | Path, *, parts: tuple[Part, ...] = ("frames", "ent
     try:
         records = list(_records(read_json(path), path.name))
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(SOURCE)
-        result.reject(path.name, RecordError(f"unreadable MatPES file: {type(exc).__name__}: {exc}"))
-        return result
+        return failed_file(SOURCE, path, "MatPES file", exc)
 
     def expand() -> Iterator[tuple[str, Any]]:
         for record_id, record in records:
@@ -199,13 +197,9 @@ def import_mp_element_refs(path: str | Path) -> ImportResult:
     """Entries of matcalc's MP-PBE-Element-Refs (MP GGA elemental polymorphs; see the module doc)."""
     path = Path(path)
     try:
-        data = read_json(path)
-        if not isinstance(data, Mapping):
-            raise RecordError(f"expected a mapping element -> polymorphs, got {type(data).__name__}")
+        data = read_json(path, expect=dict)
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(SOURCE_MP_REFS)
-        result.reject(path.name, exc)
-        return result
+        return failed_file(SOURCE_MP_REFS, path, "MP elemental references file", exc)
 
     def records() -> Iterator[tuple[str, tuple[str, Any, Any]]]:
         for element, value in data.items():

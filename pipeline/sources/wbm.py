@@ -30,7 +30,7 @@ from pipeline.entries import entry_to_row
 from pipeline.frames import RecordError
 from pipeline.sources.atoms_frames import mp_run_type
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.entries_json import read_json
+from pipeline.sources.fileio import failed_file, read_json
 from pipeline.sources.res import MP_HUBBARD_U
 
 SOURCE = "wbm"
@@ -87,13 +87,9 @@ def import_wbm(path: str | Path, *, limit: int | None = None) -> ImportResult:
     """Entry rows of every WBM record of a JSON(.gz) list (``limit``: the first records only)."""
     path = Path(path)
     try:
-        data = read_json(path)
-        if not isinstance(data, list):
-            raise RecordError(f"expected a list of WBM records, got {type(data).__name__}")
+        data = read_json(path, expect=list)
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        result = ImportResult(SOURCE)
-        result.reject(path.name, exc)
-        return result
+        return failed_file(SOURCE, path, "WBM file", exc)
     compat = MaterialsProject2020Compatibility(check_potcar=False)
     records = [
         (f"{path.name}:{r.get('material_id', i) if isinstance(r, Mapping) else i}", r)
