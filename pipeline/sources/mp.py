@@ -219,6 +219,9 @@ class MPIngest:
                     continue
                 store(unit, result)
                 self._finish(unit)
+        except BaseException:
+            self._abort.set()  # stopping (auth, crash, Ctrl-C): queued units must not start
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self._flush()  # what finished is stored even when the run is being torn down
