@@ -32,7 +32,7 @@ from pipeline.sources.atoms_frames import (
     scalar_meta,
 )
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.fileio import failed_file
+from pipeline.sources.common import failed_file
 
 SOURCE = "ase-db"
 

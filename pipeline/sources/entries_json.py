@@ -24,7 +24,7 @@ from pymatgen.core.entries import ComputedEntry
 from pipeline.entries import entry_to_row, normalize_run_type
 from pipeline.frames import RecordError
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.fileio import failed_file, read_json
+from pipeline.sources.common import failed_file, read_json
 
 SOURCE = "entries-json"
 

@@ -65,7 +65,7 @@ from pipeline.sources.atoms_frames import (
     scalar_meta,
 )
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.fileio import failed_file, read_bytes
+from pipeline.sources.common import failed_file, read_bytes
 
 SOURCE = "extxyz"
 

@@ -45,7 +45,7 @@ from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
 from pipeline.sources.base import ImportResult
-from pipeline.sources.fileio import read_json
+from pipeline.sources.common import read_json
 
 SOURCE = "files"
 

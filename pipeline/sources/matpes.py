@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pymatgen.core import Structure
 from pymatgen.core.entries import ComputedStructureEntry
 
 from pipeline.entries import entry_to_row
 from pipeline.frames import RecordError, frame_row
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.fileio import failed_file, read_json
+from pipeline.sources.common import failed_file, read_json, record_structure, require
 from pipeline.units import vasp_kbar_to_ase_stress
 
 SOURCE = "matpes"
@@ -59,34 +58,17 @@ def voigt_kbar_to_ase(stress6: Any) -> np.ndarray:
     return vasp_kbar_to_ase_stress([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
 
 
-def _need(record: Mapping[str, Any], *keys: str) -> None:
-    missing = [k for k in keys if record.get(k) is None]
-    if missing:
-        raise RecordError(f"missing field(s): {', '.join(missing)}")
-
-
 def _functional(record: Mapping[str, Any]) -> tuple[str, str]:
     """(run type as MP spells it, fidelity) of a record."""
-    _need(record, "functional")
+    require(record, "functional")
     key = str(record["functional"]).strip().upper()
     if key not in FIDELITY:
         raise RecordError(f"unknown MatPES functional {record['functional']!r}; known: PBE, r2SCAN")
     return key, FIDELITY[key]
 
 
-def _structure(record: Mapping[str, Any]) -> Structure:
-    _need(record, "structure")
-    try:
-        structure = Structure.from_dict(record["structure"])
-    except Exception as exc:  # pymatgen raises several types for broken dicts
-        raise RecordError(f"bad structure: {type(exc).__name__}: {exc}") from exc
-    if structure.lattice.volume < 1e-6:
-        raise RecordError("structure with zero volume")
-    return structure
-
-
 def _ids(record: Mapping[str, Any]) -> tuple[str, str | None]:
-    _need(record, "matpes_id")
+    require(record, "matpes_id")
     original = (record.get("provenance") or {}).get("original_mp_id")
     return str(record["matpes_id"]), None if original is None else str(original)
 
@@ -103,8 +85,8 @@ def _meta(record: Mapping[str, Any], name: str) -> dict[str, Any]:
 def record_to_frame(record: Mapping[str, Any], name: str = "") -> dict[str, Any]:
     """One MatPES record -> frame row (energy, forces, ASE stress, magmoms from the structure)."""
     run_type, fidelity = _functional(record)
-    _need(record, "energy")
-    structure = _structure(record)
+    require(record, "energy")
+    structure = record_structure(record)
     matpes_id, original = _ids(record)
     magmoms = structure.site_properties.get("magmom")
     return frame_row(
@@ -127,8 +109,8 @@ def record_to_frame(record: Mapping[str, Any], name: str = "") -> dict[str, Any]
 def record_to_entry(record: Mapping[str, Any], name: str = "") -> ComputedStructureEntry:
     """One MatPES record -> ComputedStructureEntry (raw energy; parameters name the MatPES settings)."""
     run_type, fidelity = _functional(record)
-    _need(record, "energy")
-    structure = _structure(record)
+    require(record, "energy")
+    structure = record_structure(record)
     matpes_id, original = _ids(record)
     parameters = {"run_type": run_type, "calc_set": "MatPES", "potcar_functional": "PBE_64", "encut": 680}
     data = {**_meta(record, name), "matpes_id": matpes_id, "material_id": original}
@@ -218,7 +200,7 @@ def import_mp_element_refs(path: str | Path) -> ImportResult:
         element, struct, epa = item
         if struct is None or epa is None:
             raise RecordError(f"element {element}: need equally long 'structure' and 'energy_per_atom' lists")
-        structure = _structure({"structure": struct})
+        structure = record_structure({"structure": struct})
         if {el.symbol for el in structure.composition.elements} != {element}:
             raise RecordError(
                 f"structure is {structure.composition.reduced_formula}, not elemental {element}"

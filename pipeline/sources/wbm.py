@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from pymatgen.analysis.compatibility import MaterialsProject2020Compatibility
-from pymatgen.core import Structure
 from pymatgen.core.entries import ComputedStructureEntry
 
 from pipeline.entries import entry_to_row
 from pipeline.frames import RecordError
 from pipeline.sources.atoms_frames import mp_run_type
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.fileio import failed_file, read_json
+from pipeline.sources.common import failed_file, read_json, record_structure, require
 from pipeline.sources.res import MP_HUBBARD_U
 
 SOURCE = "wbm"
@@ -50,18 +49,11 @@ def record_to_entry(
     record: Mapping[str, Any], compat: MaterialsProject2020Compatibility
 ) -> ComputedStructureEntry:
     """One WBM record -> MP2020-corrected ComputedStructureEntry, checked against ``corrected_energy``."""
-    missing = [k for k in ("material_id", "structure", "energy", "corrected_energy") if record.get(k) is None]
-    if missing:
-        raise RecordError(f"missing field(s): {', '.join(missing)}")
+    require(record, "material_id", "structure", "energy", "corrected_energy")
     energy = float(record["energy"])
     if not math.isfinite(energy):
         raise RecordError("energy is NaN or inf")
-    try:
-        structure = Structure.from_dict(record["structure"])
-    except Exception as exc:  # pymatgen raises several types for broken dicts
-        raise RecordError(f"bad structure: {type(exc).__name__}: {exc}") from exc
-    if structure.lattice.volume < 1e-6:
-        raise RecordError("structure with zero volume")
+    structure = record_structure(record)
     run_type = mp_run_type(structure.atomic_numbers)
     elements = {el.symbol for el in structure.composition.elements}
     hubbards = {el: u for el, u in MP_HUBBARD_U.items() if el in elements} if run_type == "GGA+U" else {}
