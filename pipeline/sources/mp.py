@@ -11,10 +11,10 @@ For each chemical system (and its subsystems, as ``get_entries_in_chemsys`` retu
 
 Bad records go to ``<out>/rejects`` (REJECTS_SCHEMA) with their error. Every finished unit of work (one
 chemical system x thermo type, one batch of materials, one task) is recorded in ``<out>/state.json`` (written
-atomically) after its rows are stored, so a re-run skips it. Rows are buffered and written every
-``flush_units`` units (one Parquet part per flush; also when a run stops on an error); rows are appended with their keys, so a unit
-that stored rows but was interrupted before its state was saved adds nothing twice. Units that kept failing with
-transient errors are listed under ``failed`` in the state and retried by the next run.
+atomically) after its rows are stored, so a re-run skips it. Rows are buffered and written every ``flush_units``
+units (one Parquet part per dataset and flush; also when a run stops on an error). Rows are appended by key, so
+a unit whose rows landed but whose state was not saved adds nothing twice when it runs again. Units that kept
+failing with transient errors are listed under ``failed`` in the state and retried by the next run.
 
 Requests run in a thread pool (``max_workers``); results are written by the calling thread only. The API key is
 used only to open the client: it is never logged, stored, or put in an error message (messages are redacted).
