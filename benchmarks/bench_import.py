@@ -124,6 +124,11 @@ def stress_evidence(data: Path, n_frames: int) -> None:
         if len(r["numbers"]) <= 60 and abs(_pressure(np.asarray(r["stress"]))) > STRONG
     ]
     _compare_with_model("alexandria-random-1k (strong)", strong, calc)
+    print("# orb-models ASE databases, all frames")
+    for name in ("10_mptraj_systems", "10_thin_mp_traj_systems"):
+        _compare_with_model(
+            name, import_ase_db(data / "orb-models" / f"{name}.db", fidelity="pbe").rows, calc
+        )
 
     print("# energy balance of consecutive ionic steps (pipeline.sources.stress_check)")
     _print_verdict("mptrj-highest-stress-1k", mptrj_step_pairs(rows_of["mptrj-highest-stress-1k"]))

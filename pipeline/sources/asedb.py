@@ -6,7 +6,9 @@ shared files follow it. Evidence, from the physics check of :mod:`pipeline.sourc
 five pairs of consecutive ionic steps of mp-1095441 (calc 1) in ``orb-models/10_thin_mp_traj_systems.db``:
 the energy change is explained with a median error of 0.0004 eV with the stress as stored and 0.038 eV with it
 flipped (stored sign better in 4 of 5 pairs; median stress work 0.019 eV). Tested in
-``tests/test_sources_asedb.py``.
+``tests/test_sources_asedb.py``. Against SevenNet-0 (ASE sign by construction), the stored stress components
+correlate +0.999 (thin file, 11 frames) and +0.90 (``10_mptraj_systems.db``, 10 frames, no trajectory to
+check otherwise); ``benchmarks/bench_import.py --stress-evidence`` prints both.
 
 MPtrj metadata (``row.data`` with ``uid`` = MPtrj snapshot id and ``mp_id``, as in the orb-models "thin"
 file) gives ``frame_id = mptrj:<uid>`` (the same id the extxyz importer gives the same frame), task id, ionic
