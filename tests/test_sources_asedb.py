@@ -7,7 +7,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
 
 from pipeline.frames import frames_table
-from pipeline.sources.asedb import import_ase_db
+from pipeline.sources.asedb import import_ase_db, iter_ase_db
 from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 THIN = "orb-models/10_thin_mp_traj_systems.db"
@@ -85,3 +85,10 @@ def test_unreadable_file_is_one_reject(tmp_path):
     path.write_text("not a database")
     result = import_ase_db(path)
     assert result.n_ok == 0 and result.rejects[0]["record_id"] == "junk.db"
+
+
+def test_streaming_pages_equal_the_whole_import(mp_file):
+    parts = list(iter_ase_db(mp_file(THIN), batch_size=4))
+    assert [p.n_ok for p in parts] == [4, 4, 3]
+    assert [r for p in parts for r in p.rows] == import_ase_db(mp_file(THIN)).rows
+    assert [p.n_ok for p in iter_ase_db(mp_file(THIN), batch_size=4, limit=6)] == [4, 2]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.frames import frames_table, row_to_atoms
-from pipeline.sources.extxyz import import_extxyz, split_frames
+from pipeline.sources.extxyz import import_extxyz, iter_extxyz, split_frames
 from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 RANDOM = "mattersim/mptrj-random-1k.xyz"
@@ -92,7 +92,7 @@ def test_flip_stress_negates(mp_file):
 
 
 def _frames_text(path, n):
-    chunks = [c for _, c in split_frames(path.read_text())][:n]
+    chunks = [c for _, c in split_frames(path.read_text().splitlines(keepends=True))][:n]
     assert all(isinstance(c, str) for c in chunks)
     return chunks
 
@@ -118,7 +118,7 @@ def test_corrupted_frames_are_rejected_and_the_rest_imported(mp_file, tmp_path):
     assert "energy is NaN" in errors["mixed.xyz:1"]
     assert "zero volume" in errors["mixed.xyz:2"]
     assert "Xx" in errors["mixed.xyz:3"] or "unparseable" in errors["mixed.xyz:3"]
-    assert "fewer atom lines" in errors["mixed.xyz:4"]
+    assert "but has 1 atom lines" in errors["mixed.xyz:4"]
     assert "energy_unit='Ry'" in errors["mixed.xyz:5"]
 
 
@@ -178,3 +178,19 @@ def test_gzipped_file_and_missing_file(mp_file, tmp_path):
     assert import_extxyz(path).n_ok == 3
     missing = import_extxyz(tmp_path / "none.xyz")
     assert missing.n_ok == 0 and "unreadable extxyz file" in missing.rejects[0]["error"]
+
+
+def test_streaming_batches_equal_the_whole_import(mp_file, imported):
+    parts = list(iter_extxyz(mp_file(RANDOM), batch_size=300))
+    assert [p.n_ok for p in parts] == [300, 300, 300, 100]
+    assert [r for p in parts for r in p.rows] == imported(RANDOM).rows
+
+
+def test_file_breaking_off_mid_way_keeps_the_frames_before(mp_file, tmp_path):
+    data = gzip.compress("".join(_frames_text(mp_file(RANDOM), 200)).encode())
+    path = tmp_path / "cut.xyz.gz"
+    path.write_bytes(data[: len(data) // 2])  # a download cut short
+    result = import_extxyz(path)
+    assert 0 < result.n_ok < 200
+    assert result.rejects[-1]["record_id"] == "cut.xyz.gz"
+    assert "unreadable extxyz file" in result.rejects[-1]["error"]

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.io import ParquetDataset
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, REJECTS_SCHEMA
-from pipeline.sources.files import detect_kind, import_path, write_import
+from pipeline.sources.files import detect_kind, import_path, import_to_dataset, write_import
 
 KINDS = {
     "mattersim/mptrj-random-1k.xyz": "extxyz",
@@ -120,3 +120,19 @@ def test_raw_vasp_runs_go_through_the_vasprun_reader(mp_file, rel, n_steps, fram
     assert (result.n_ok, result.n_rejected) == (n_steps, 0)
     assert result.rows[0]["frame_id"] == frame_id
     assert {r["fidelity"] for r in result.rows} == {"r2scan"}
+
+
+def test_import_to_dataset_streams_in_batches(mp_file, tmp_path):
+    out = tmp_path / "out"
+    counts = import_to_dataset(mp_file("mattersim/mptrj-random-1k.xyz"), out, batch_size=250)
+    assert (counts["frames_read"], counts["frames_written"]) == (1000, 1000)
+    assert len(ParquetDataset(out / "frames", FRAMES_SCHEMA).parts()) == 4  # one part per batch
+    assert (
+        import_to_dataset(mp_file("mattersim/mptrj-random-1k.xyz"), out, batch_size=250)["frames_written"]
+        == 0
+    )
+    db = import_to_dataset(mp_file("orb-models/10_thin_mp_traj_systems.db"), out, batch_size=5)
+    assert db["frames_written"] == 11
+    entries = import_to_dataset(mp_file("matcalc/MatPES-PBE-Element-Refs.json.gz"), out)  # not streamed
+    assert (entries["frames_written"], entries["entries_written"]) == (89, 89)
+    assert ParquetDataset(out / "frames", FRAMES_SCHEMA).read().num_rows == 1100

@@ -72,35 +72,48 @@ def row_to_frame(
     )
 
 
-def import_ase_db(
-    path: str | Path, *, fidelity: str | None = None, flip_stress: bool = False, limit: int | None = None
-) -> ImportResult:
-    """Frame rows of every row of an ASE database (``limit``: only the first ``limit`` rows).
-
-    A file that is missing or not an ASE database becomes a single reject naming the file.
-    """
+def iter_ase_db(
+    path: str | Path,
+    *,
+    batch_size: int = 10_000,
+    fidelity: str | None = None,
+    flip_stress: bool = False,
+    limit: int | None = None,
+) -> Iterator[ImportResult]:
+    """Stream an ASE database as import results of at most ``batch_size`` rows each (options as in
+    :func:`import_ase_db`); rows are read page by page (``select(limit=, offset=)``), never all at once."""
     path = Path(path)
     try:
         if not path.is_file():
             raise FileNotFoundError(f"no ASE database at {path}")
         db = connect(str(path), type="db")
-        rows: list[AtomsRow] = list(db.select(limit=limit))
+        total = db.count()
         fidelity = fidelity or (db.metadata or {}).get("fidelity")
     except Exception as exc:  # noqa: BLE001 - an unreadable file is one reject
-        return failed_file(SOURCE, path, "ASE database", exc)
-
-    def records() -> Iterator[tuple[str, AtomsRow]]:
-        for row in rows:
-            yield f"{path.name}:{row.id}", row
+        yield failed_file(SOURCE, path, "ASE database", exc)
+        return
+    total = total if limit is None else min(total, limit)
 
     def convert(record_id: str, row: AtomsRow) -> list[dict[str, Any]]:
-        return [
-            row_to_frame(
-                row,
-                fidelity=fidelity,
-                flip_stress=flip_stress,
-                meta={"file": path.name, "row_id": row.id, "unique_id": row.unique_id},
-            )
-        ]
+        meta = {"file": path.name, "row_id": row.id, "unique_id": row.unique_id}
+        return [row_to_frame(row, fidelity=fidelity, flip_stress=flip_stress, meta=meta)]
 
-    return collect(SOURCE, records(), convert)
+    for offset in range(0, total, batch_size):
+        page = db.select(limit=min(batch_size, total - offset), offset=offset, sort="id")
+        yield collect(SOURCE, ((f"{path.name}:{row.id}", row) for row in page), convert)
+
+
+def import_ase_db(
+    path: str | Path, *, fidelity: str | None = None, flip_stress: bool = False, limit: int | None = None
+) -> ImportResult:
+    """Frame rows of every row of an ASE database (``limit``: only the first ``limit`` rows).
+
+    A file that is missing or not an ASE database becomes a single reject naming the file. Large databases:
+    stream with :func:`iter_ase_db`.
+    """
+    result = ImportResult(SOURCE)
+    for part in iter_ase_db(
+        path, batch_size=1 << 62, fidelity=fidelity, flip_stress=flip_stress, limit=limit
+    ):
+        result.extend(part)
+    return result

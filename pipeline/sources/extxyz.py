@@ -46,10 +46,13 @@ mp-675106, mp-675893) overstate the energy change along the trajectory by 4-10x 
 
 from __future__ import annotations
 
+import collections
+import gzip
 import io
-from collections.abc import Iterator, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import ase.io
 import numpy as np
@@ -65,7 +68,7 @@ from pipeline.sources.atoms_frames import (
     scalar_meta,
 )
 from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.common import failed_file, read_bytes
+from pipeline.sources.common import failed_file
 
 SOURCE = "extxyz"
 
@@ -88,48 +91,78 @@ _USED_INFO = (
 )
 
 
-def split_frames(text: str) -> Iterator[tuple[int, str | Exception]]:
-    """(frame index, text of one frame) for each frame of an (ext)xyz text; a broken frame yields an error.
+class _Lines:
+    """Line iterator with look-ahead (for frame headers) and a line counter."""
 
-    After a broken atom-count line the reader skips ahead to the next line that is a bare integer followed by
-    an extxyz comment line (``Lattice=`` or ``Properties=``).
+    def __init__(self, lines: Iterable[str]):
+        self._it = iter(lines)
+        self._ahead: collections.deque[str] = collections.deque()
+        self.line_no = 0
+
+    def peek(self, k: int = 0) -> str | None:
+        while len(self._ahead) <= k:
+            line = next(self._it, None)
+            if line is None:
+                return None
+            self._ahead.append(line if line.endswith("\n") else line + "\n")
+        return self._ahead[k]
+
+    def pop(self) -> str | None:
+        line = self.peek()
+        if line is not None:
+            self._ahead.popleft()
+            self.line_no += 1
+        return line
+
+    def at_header(self) -> bool:
+        """Next lines are an atom count and an extxyz comment line (``Lattice=`` or ``Properties=``)."""
+        head, comment = self.peek(), self.peek(1)
+        return bool(
+            head is not None
+            and head.strip().isdigit()
+            and comment is not None
+            and ("Lattice=" in comment or "Properties=" in comment)
+        )
+
+    def skip_to_header(self) -> None:
+        while self.peek() is not None and not self.at_header():
+            self.pop()
+
+
+def split_frames(lines: Iterable[str]) -> Iterator[tuple[int, str | Exception]]:
+    """(frame index, text of one frame) for each frame of (ext)xyz lines; a broken frame yields an error.
+
+    Streams: ``lines`` may be an open file. After a broken frame the reader skips ahead to the next frame
+    header (a bare integer followed by an extxyz comment line).
     """
-    lines = text.splitlines()
-    i, index = 0, 0
-    while i < len(lines):
-        if not lines[i].strip():
-            i += 1
+    src = _Lines(lines)
+    index = 0
+    while (line := src.peek()) is not None:
+        if not line.strip():
+            src.pop()
             continue
-        head = lines[i].strip()
-        if not head.isdigit():
-            yield index, RecordError(f"line {i + 1}: expected an atom count, got {head[:40]!r}")
+        start = src.line_no + 1
+        head = src.pop() or ""
+        if not head.strip().isdigit():
+            yield index, RecordError(f"line {start}: expected an atom count, got {head.strip()[:40]!r}")
             index += 1
-            i = _resync(lines, i + 1)
+            src.skip_to_header()
             continue
         n = int(head)
-        end = i + 2 + n
-        next_header = _resync(lines, i + 2)
-        if end > len(lines) or next_header < end or any(not b.strip() for b in lines[i + 2 : end]):
-            yield index, RecordError(f"line {i + 1}: frame announces {n} atoms but has fewer atom lines")
+        comment = src.pop()
+        body: list[str] = []
+        while len(body) < n and (nxt := src.peek()) is not None and nxt.strip() and not src.at_header():
+            body.append(src.pop() or "")
+        if comment is None or len(body) < n:
+            yield (
+                index,
+                RecordError(f"line {start}: frame announces {n} atoms but has {len(body)} atom lines"),
+            )
             index += 1
-            i = next_header
+            src.skip_to_header()
             continue
-        yield index, "\n".join(lines[i:end]) + "\n"
+        yield index, "".join([head, comment, *body])
         index += 1
-        i = end
-
-
-def _is_header(lines: list[str], j: int) -> bool:
-    return (
-        lines[j].strip().isdigit()
-        and j + 1 < len(lines)
-        and ("Lattice=" in lines[j + 1] or "Properties=" in lines[j + 1])
-    )
-
-
-def _resync(lines: list[str], start: int) -> int:
-    """Index of the next frame header (atom count + extxyz comment line) at or after ``start``."""
-    return next((j for j in range(start, len(lines)) if _is_header(lines, j)), len(lines))
 
 
 def _read_frame(text: str) -> Atoms:
@@ -197,6 +230,60 @@ def atoms_to_row(
     )
 
 
+def _open_text(path: Path) -> IO[str]:
+    with open(path, "rb") as fh:
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt") if gzipped else open(path)
+
+
+def iter_extxyz(
+    path: str | Path,
+    *,
+    batch_size: int = 10_000,
+    fidelity: str | None = None,
+    flip_stress: bool = False,
+    limit: int | None = None,
+    label_keys: Mapping[str, str] | None = None,
+) -> Iterator[ImportResult]:
+    """Stream an extxyz file (plain or gzipped) as import results of at most ``batch_size`` frames each.
+
+    Options as in :func:`import_extxyz`. An unreadable file, or one that breaks off mid-way, adds one reject
+    naming the file.
+    """
+    if label_keys:
+        _check_label_keys(label_keys)
+    path = Path(path)
+    try:
+        fh = _open_text(path)
+    except OSError as exc:
+        yield failed_file(SOURCE, path, "extxyz file", exc)
+        return
+
+    def records() -> Iterator[tuple[str, str | Exception]]:
+        try:
+            for index, chunk in split_frames(fh):
+                if limit is not None and index >= limit:
+                    return
+                yield f"{path.name}:{index}", chunk
+        except (OSError, UnicodeDecodeError, EOFError) as exc:
+            yield path.name, RecordError(f"unreadable extxyz file: {type(exc).__name__}: {exc}")
+
+    def convert(record_id: str, chunk: str | Exception) -> list[dict[str, Any]]:
+        if isinstance(chunk, Exception):
+            raise chunk
+        index = int(record_id.rsplit(":", 1)[1])
+        atoms = _read_frame(chunk)
+        if label_keys:
+            relabel(atoms, label_keys)
+        meta = {"file": path.name, "index": index}
+        return [atoms_to_row(atoms, fidelity=fidelity, flip_stress=flip_stress, meta=meta)]
+
+    with fh:
+        stream = records()
+        while batch := list(itertools.islice(stream, batch_size)):
+            yield collect(SOURCE, batch, convert)
+
+
 def import_extxyz(
     path: str | Path,
     *,
@@ -209,33 +296,11 @@ def import_extxyz(
 
     ``fidelity`` overrides the fidelity of recognised sets and is required for others; ``flip_stress`` for
     files whose stress uses the VASP sign (compressive positive, still in eV/A^3); ``label_keys`` for files
-    whose labels have other names (see :func:`relabel`).
+    whose labels have other names (see :func:`relabel`). For files too large to hold in memory, stream with
+    :func:`iter_extxyz` (or :func:`pipeline.sources.files.import_to_dataset`).
     """
-    if label_keys:
-        _check_label_keys(label_keys)
-    path = Path(path)
-    try:
-        text = read_bytes(path).decode()
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        return failed_file(SOURCE, path, "extxyz file", exc)
-
-    def records() -> Iterator[tuple[str, str | Exception]]:
-        for index, chunk in split_frames(text):
-            if limit is not None and index >= limit:
-                return
-            yield f"{path.name}:{index}", chunk
-
-    def convert(record_id: str, chunk: str | Exception) -> list[dict[str, Any]]:
-        if isinstance(chunk, Exception):
-            raise chunk
-        index = int(record_id.rsplit(":", 1)[1])
-        atoms = _read_frame(chunk)
-        if label_keys:
-            relabel(atoms, label_keys)
-        return [
-            atoms_to_row(
-                atoms, fidelity=fidelity, flip_stress=flip_stress, meta={"file": path.name, "index": index}
-            )
-        ]
-
-    return collect(SOURCE, records(), convert)
+    result = ImportResult(SOURCE)
+    options = {"fidelity": fidelity, "flip_stress": flip_stress, "limit": limit, "label_keys": label_keys}
+    for part in iter_extxyz(path, batch_size=1 << 62, **options):
+        result.extend(part)
+    return result

@@ -3,7 +3,8 @@
 ``import_path(path, kind="auto", **options) -> ImportResult`` picks the importer; ``write_import(result,
 out_dir)`` appends frame rows to ``out_dir/frames/``, entry rows to ``out_dir/entries/`` and rejects to
 ``out_dir/rejects/`` (each a :class:`pipeline.io.ParquetDataset` keyed as in :data:`pipeline.schema.KEYS`, so a
-re-run adds nothing twice).
+re-run adds nothing twice). ``import_to_dataset(path, out_dir)`` does both, streaming extxyz files and ASE
+databases in batches (one Parquet part per batch) so that files larger than memory import too.
 
 Rows are told apart by their key: a row with ``frame_id`` is a frame, one with ``entry_id`` an entry (an
 importer such as MatPES returns both in one result). No type tag is stored in :class:`ImportResult`.
@@ -215,24 +216,73 @@ def split_rows(result: ImportResult) -> tuple[list[dict[str, Any]], list[dict[st
     return frames, entries
 
 
+COUNT_KEYS = (
+    "frames_read",
+    "entries_read",
+    "rejects_read",
+    "frames_written",
+    "entries_written",
+    "rejects_written",
+)
+
+
+def _add(totals: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+    for key in COUNT_KEYS:
+        totals[key] += counts[key]
+    return totals
+
+
 def write_import(result: ImportResult, out_dir: str | Path) -> dict[str, int]:
     """Append a result's frames, entries and rejects under ``out_dir``; counts read and newly written."""
     out = Path(out_dir)
     frames, entries = split_rows(result)
-    counts = {"frames_read": len(frames), "entries_read": len(entries), "rejects_read": result.n_rejected}
-    counts["frames_written"] = (
-        ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]).append(frames_table(frames))
-        if frames
-        else 0
-    )
-    counts["entries_written"] = (
-        ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]).append(entries_table(entries))
-        if entries
-        else 0
-    )
-    counts["rejects_written"] = (
-        ParquetDataset(out / "rejects", REJECTS_SCHEMA, KEYS["rejects"]).append(result.rejects_table())
-        if result.rejects
-        else 0
-    )
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts.update(frames_read=len(frames), entries_read=len(entries), rejects_read=result.n_rejected)
+    if frames:
+        counts["frames_written"] = ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]).append(
+            frames_table(frames)
+        )
+    if entries:
+        counts["entries_written"] = ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]).append(
+            entries_table(entries)
+        )
+    if result.rejects:
+        counts["rejects_written"] = ParquetDataset(out / "rejects", REJECTS_SCHEMA, KEYS["rejects"]).append(
+            result.rejects_table()
+        )
     return counts
+
+
+#: kinds that can be streamed in batches: kind -> (module, generator of ImportResults)
+STREAMING: dict[str, tuple[str, str]] = {
+    "extxyz": ("pipeline.sources.extxyz", "iter_extxyz"),
+    "ase-db": ("pipeline.sources.asedb", "iter_ase_db"),
+}
+
+
+def import_to_dataset(
+    path: str | Path, out_dir: str | Path, kind: str = "auto", batch_size: int = 10_000, **options: Any
+) -> dict[str, int]:
+    """Import ``path`` and append it under ``out_dir`` (as :func:`write_import`), streaming large extxyz files
+    and ASE databases in batches of ``batch_size`` so that memory stays bounded; returns summed counts."""
+    path = Path(path)
+    if kind == "auto":
+        if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
+            totals = dict.fromkeys(COUNT_KEYS, 0)
+            for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+                _add(totals, import_to_dataset(child, out_dir, batch_size=batch_size, **options))
+            return totals
+        try:
+            kind = detect_kind(path)
+        except RecordError as exc:
+            result = ImportResult(SOURCE)
+            result.reject(path.name, exc)
+            return write_import(result, out_dir)
+    if kind not in STREAMING:
+        return write_import(import_path(path, kind=kind, **options), out_dir)
+    module, name = STREAMING[kind]
+    parts = getattr(importlib.import_module(module), name)(path, batch_size=batch_size, **options)
+    totals = dict.fromkeys(COUNT_KEYS, 0)
+    for part in parts:
+        _add(totals, write_import(part, out_dir))
+    return totals
