@@ -373,9 +373,29 @@ class DemoSet:
             "entries": {r["entry_id"]: {"energy_per_atom": r["energy_per_atom"], "formula": r["formula"],
                                         **{k: json.loads(r["data"]).get(k) for k in ("relax_steps", "relax_seconds")}}
                         for r in entries + cands},
+            "hull": hull_summary(entries, cands),
         }
         write_json_atomic(self.out / "manifest.json", manifest, sort_keys=True)
         return manifest
+
+
+def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """Formation energy and energy above the reference hull (eV/atom) of every entry, per fidelity."""
+    from pymatgen.analysis.phase_diagram import PhaseDiagram
+
+    out: dict[str, Any] = {}
+    for fidelity in (PBE, R2SCAN):
+        refs = [row_to_entry(r) for r in entries if r["fidelity"] == fidelity]
+        elements = {str(el) for e in refs if len(e.composition) == 1 for el in e.composition}
+        if elements != {"Li", "Al"}:
+            continue
+        pd = PhaseDiagram(refs)
+        out[fidelity] = {
+            e.entry_id: {"formation_energy_per_atom": round(pd.get_form_energy_per_atom(e), 4),
+                         "e_above_hull": round(pd.get_e_above_hull(e, allow_negative=True), 4)}
+            for e in refs + [row_to_entry(r) for r in candidates if r["fidelity"] == fidelity]
+        }
+    return out
 
 
 def run(out: Path, stages: list[str], max_variants: int, n_test: int, deadline: float | None) -> DemoSet:
