@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/bench_import.py [--repeat 3]
     .venv/bin/python benchmarks/bench_import.py --stress-evidence [--frames 120]   # needs sevenn
+    .venv/bin/python benchmarks/bench_import.py --memory [--copies 10]
 
 Timings (best of ``--repeat``), each against a baseline measured in the same run:
 
 * extxyz: ``ase.io.read(path, ":")`` (baseline) vs :func:`import_extxyz` (frame-by-frame parse + validated
   rows) vs import + Arrow table + ``write_import`` to a temporary folder;
 * entry JSON: ``monty.serialization.loadfn`` (baseline) vs :func:`import_entries_json` (+ Arrow table).
+
+``--memory`` writes a synthetic extxyz of ``--copies`` x the three mattersim files (frame ids made unique), then
+imports it into a temporary dataset in a fresh process per variant and prints wall time and peak RSS:
+``import_path`` + ``write_import`` (whole file in memory, baseline) vs ``import_to_dataset`` (streamed batches).
 
 ``--stress-evidence`` prints, per mattersim file, how the stored stresses compare with SevenNet-0's (an ASE
 calculator: its stress is the strain derivative of its own energy, so it has the ASE sign), and the
@@ -18,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -145,6 +152,52 @@ def _print_verdict(name: str, pairs: list) -> None:
     )
 
 
+_MEMORY_RUN = """
+import logging, resource, sys, tempfile, time
+logging.disable(logging.WARNING)
+from pipeline.sources.files import import_path, import_to_dataset, write_import
+path, variant, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t0 = time.perf_counter()
+with tempfile.TemporaryDirectory() as out:
+    if variant == "whole":
+        counts = write_import(import_path(path), out)
+    else:
+        counts = import_to_dataset(path, out, batch_size=batch)
+print(time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, counts["frames_written"])
+"""
+
+
+def memory(data: Path, copies: int, batch: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        big = Path(tmp) / "big.xyz"
+        n = 0
+        with open(big, "w") as out:
+            for copy in range(copies):
+                for name in XYZ:
+                    text = (data / "mattersim" / f"{name}.xyz").read_text()
+                    # unique ids per copy, so that every frame is written
+                    out.write(
+                        text.replace("mptrj_snapshot_id=", f"mptrj_snapshot_id=c{copy}x").replace(
+                            "alexandria_id=", f"alexandria_id=c{copy}x"
+                        )
+                    )
+                    n += 1000
+        size = big.stat().st_size / 2**20
+        print(f"# synthetic extxyz: {n} frames, {size:.0f} MiB; fresh process per variant")
+        base = None
+        for variant in ("whole", "streamed"):
+            cmd = [sys.executable, "-c", _MEMORY_RUN, str(big), variant, str(batch)]
+            wall, rss, written = (float(x) for x in subprocess.check_output(cmd, text=True).split())
+            base = base or (wall, rss)
+            label = (
+                "import_path + write_import" if variant == "whole" else f"import_to_dataset (batch {batch})"
+            )
+            print(
+                f"{label:36s} {wall:7.1f} s ({wall / base[0]:4.2f}x)   peak RSS {rss:7.0f} MiB "
+                f"({rss / base[1]:4.2f}x)   {int(written)} frames written"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,12 +205,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stress-evidence", action="store_true")
     parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2000)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     data = shared_data_dir()
     if args.stress_evidence:
         stress_evidence(data, args.frames)
+    elif args.memory:
+        memory(data, args.copies, args.batch)
     else:
         timings(data, args.repeat)
 
