@@ -1,7 +1,7 @@
 """sources stage: importers of real file formats and MP data into the frames / entries Parquet schema.
 
-``import_path(path, kind="auto")`` and ``write_import(result, out_dir)`` (from :mod:`pipeline.sources.files`)
-are the entry points; each format has its own module (extxyz, asedb, entries_json, matpes, res, taskdocs, ...).
+``import_path(path, kind="auto")``, ``write_import(result, out_dir)`` and ``import_to_dataset(path, out_dir)``
+(streamed, from :mod:`pipeline.sources.files`) are the entry points; each format has its own module (extxyz, asedb, entries_json, matpes, res, taskdocs, ...).
 They are re-exported lazily so that importing one importer does not load all the others.
 """
 
@@ -15,10 +15,11 @@ _EXPORTS = {
     "collect": "pipeline.sources.base",
     "detect_kind": "pipeline.sources.files",
     "import_path": "pipeline.sources.files",
+    "import_to_dataset": "pipeline.sources.files",
     "write_import": "pipeline.sources.files",
 }
 
-__all__ = ["ImportResult", "collect", "detect_kind", "import_path", "write_import"]
+__all__ = ["ImportResult", "collect", "detect_kind", "import_path", "import_to_dataset", "write_import"]
 
 
 def __getattr__(name: str) -> Any:
