@@ -245,3 +245,16 @@ def test_config_validation_and_presets():
         preset("sevennet-mf-0", cutoff_on=6.0)
     cfg = preset("small", elements=("O", "Li"))
     assert cfg.elements == (8, 3) and type(cfg).from_dict(cfg.to_dict()) == cfg
+
+
+def test_edge_chunked_evaluation_equals_plain(model, monkeypatch):
+    from pipeline.model.layers import Convolution
+
+    atoms = lno(0.05) * (2, 2, 1)
+    g = atoms_to_graph(atoms, model.cutoff, 1, torch.float64)
+    plain = {k: v.detach() for k, v in model(g).items()}
+    monkeypatch.setattr(Convolution, "edge_chunk", 37)  # many uneven chunks
+    assert g.num_edges > 2 * 37
+    chunked = {k: v.detach() for k, v in model(g).items()}
+    for key in ("energy", "forces", "stress"):
+        assert torch.allclose(plain[key], chunked[key], atol=1e-10)

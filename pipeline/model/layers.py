@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from torch import nn
@@ -235,14 +236,34 @@ class Convolution(nn.Module):
         self.radial_mlp = e3nn_nn.FullyConnectedNet(radial_layers + [self.tp.weight_numel], torch.nn.functional.silu)
         self.avg_num_neighbors = float(avg_num_neighbors)
 
+    #: in eval mode, edges are processed in chunks of this many, with activation checkpointing (their
+    #: intermediates are recomputed in the backward pass): memory stays bounded (a 4096-atom cell needs a few GB
+    #: instead of tens of GB) and, measured on CPU, it is also faster than one pass over huge per-edge tensors
+    #: (see benchmarks/bench_model_vs_sevenn.py). Training (create_graph) always takes the plain path.
+    edge_chunk: int = 2048
+
+    def _messages(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
+                  neighbor: torch.Tensor) -> torch.Tensor:
+        weight = self.radial_mlp(edge_radial)
+        message = self.tp.grouped(x[neighbor], edge_sh, weight)
+        out = torch.zeros(x.shape[0], message.shape[1], dtype=message.dtype, device=message.device)
+        return out.index_add_(0, center, message)
+
     def forward(
         self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
         neighbor: torch.Tensor,
     ) -> torch.Tensor:
-        weight = self.radial_mlp(edge_radial)
-        message = self.tp.grouped(x[neighbor], edge_sh, weight)
-        out = torch.zeros(x.shape[0], message.shape[1], dtype=message.dtype, device=message.device)
-        out.index_add_(0, center, message)
+        n_edges, step = center.shape[0], max(1, int(self.edge_chunk))
+        if self.training or n_edges <= 2 * step:
+            out = self._messages(x, edge_sh, edge_radial, center, neighbor)
+        else:
+            out = None
+            for start in range(0, n_edges, step):
+                sl = slice(start, start + step)
+                part = torch.utils.checkpoint.checkpoint(
+                    self._messages, x, edge_sh[sl], edge_radial[sl], center[sl], neighbor[sl], use_reentrant=False
+                )
+                out = part if out is None else out + part
         # reorder columns on nodes (cheaper than on edges), then normalise
         return out.index_select(1, self.tp.to_mid) / self.avg_num_neighbors
 
