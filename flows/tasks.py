@@ -10,9 +10,9 @@ from prefect import task
 
 @task(name="import-files")
 def import_files(path: str, out_dir: str, kind: str = "auto") -> dict[str, Any]:
-    from pipeline.sources.files import import_path, write_import
+    from pipeline.sources.files import import_to_dataset
 
-    return {"path": path, **write_import(import_path(path, kind=kind), out_dir)}
+    return {"path": path, **import_to_dataset(path, out_dir, kind=kind)}
 
 
 @task(name="ingest-mp", retries=2, retry_delay_seconds=60)

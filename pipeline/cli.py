@@ -26,6 +26,8 @@ def _env_defaults() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
+    # the embedded API's 20 s start-up limit is too short on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _print(obj: Any) -> None:
@@ -46,13 +48,10 @@ def _parse_policy(items: list[str] | None) -> dict[str, tuple[str, ...]] | None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pipeline.sources.files import import_path, write_import
+    from pipeline.sources.files import import_to_dataset
 
-    results = []
-    for path in args.paths:
-        result = import_path(path, kind=args.kind)
-        counts = write_import(result, args.out)
-        results.append({"path": path, **counts})
+    options = {k: v for k, v in (("fidelity", args.fidelity), ("limit", args.limit)) if v is not None}
+    results = [{"path": p, **import_to_dataset(p, args.out, kind=args.kind, **options)} for p in args.paths]
     _print(results)
     return 0
 
@@ -131,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import", help="import real files into frames/entries Parquet datasets")
     p.add_argument("paths", nargs="+")
     p.add_argument("--out", required=True)
-    p.add_argument("--kind", default="auto")
+    p.add_argument("--kind", default="auto", help="auto (by content), extxyz, ase-db, res, entries-json, ...")
+    p.add_argument("--fidelity", default=None, help="fidelity of files that do not say (e.g. an ASE db)")
+    p.add_argument("--limit", type=int, default=None, help="import at most this many records per file")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("ingest-mp", help="ingest Materials Project entries and trajectories (MP_API_KEY)")

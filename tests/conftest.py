@@ -14,6 +14,7 @@ import pytest
 from pipeline.config import shared_data_dir
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _missing(reason: str) -> None:
