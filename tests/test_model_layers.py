@@ -8,7 +8,13 @@ import pytest
 import torch
 from e3nn import o3
 
-from pipeline.model.layers import BesselBasis, FusedUVUTensorProduct, PolynomialCutoff, XPLORCutoff, conv_irreps_mid
+from pipeline.model.layers import (
+    BesselBasis,
+    FusedUVUTensorProduct,
+    PolynomialCutoff,
+    XPLORCutoff,
+    conv_irreps_mid,
+)
 
 
 @pytest.mark.parametrize(

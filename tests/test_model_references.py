@@ -13,7 +13,13 @@ from ase.data import chemical_symbols
 
 from pipeline.frames import frame_row, frames_table
 from pipeline.graphs import atoms_to_graph
-from pipeline.model import ElementReferences, MFPotential, fit_element_references, preset, references_from_frames
+from pipeline.model import (
+    ElementReferences,
+    MFPotential,
+    fit_element_references,
+    preset,
+    references_from_frames,
+)
 
 
 def test_fit_recovers_synthetic_references():

@@ -18,7 +18,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "checkpoint_dict"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "checkpoint_dict", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FORMAT = "mfhull-potential"
 CHECKPOINT_VERSION = 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from ase.data import atomic_numbers, chemical_symbols
 
-__all__ = ["ModelConfig", "PRESETS", "preset"]
+__all__ = ["PRESETS", "ModelConfig", "preset"]
 
 
 def _all_elements() -> tuple[int, ...]:
@@ -121,17 +121,17 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains in minutes on a laptop CPU: tests and demos.
-    "small": dict(
-        cutoff=4.5, channels=16, lmax=1, num_layers=2, num_radial_basis=8, radial_hidden=(16, 16),
-        cutoff_function="polynomial", avg_num_neighbors=20.0,
-    ),
+    "small": {
+        "cutoff": 4.5, "channels": 16, "lmax": 1, "num_layers": 2, "num_radial_basis": 8, "radial_hidden": (16, 16),
+        "cutoff_function": "polynomial", "avg_num_neighbors": 20.0,
+    },
     # The published SevenNet-MF-0 architecture (sevenn 0.13.0 checkpoint 'checkpoint_sevennet_mf_0.pth').
-    "sevennet-mf-0": dict(
-        cutoff=5.0, channels=128, lmax=2, num_layers=5, hidden_irreps="128x0e+64x1e+32x2e", parity=False,
-        num_radial_basis=8, radial_hidden=(64, 64), cutoff_function="xplor", cutoff_on=4.5,
-        avg_num_neighbors=35.98957443237305, self_connection="linear",
-        fidelity_in=("pre_conv", "post_conv", "readout"),
-    ),
+    "sevennet-mf-0": {
+        "cutoff": 5.0, "channels": 128, "lmax": 2, "num_layers": 5, "hidden_irreps": "128x0e+64x1e+32x2e",
+        "parity": False, "num_radial_basis": 8, "radial_hidden": (64, 64), "cutoff_function": "xplor",
+        "cutoff_on": 4.5, "avg_num_neighbors": 35.98957443237305, "self_connection": "linear",
+        "fidelity_in": ("pre_conv", "post_conv", "readout"),
+    },
 }
 
 

@@ -20,12 +20,12 @@ from torch import nn
 
 __all__ = [
     "BesselBasis",
-    "FusedUVUTensorProduct",
-    "XPLORCutoff",
-    "PolynomialCutoff",
-    "FidelityLinear",
     "Convolution",
+    "FidelityLinear",
+    "FusedUVUTensorProduct",
     "InteractionBlock",
+    "PolynomialCutoff",
+    "XPLORCutoff",
 ]
 
 

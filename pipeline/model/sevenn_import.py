@@ -20,7 +20,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
 from pipeline.model.references import ElementReferences
 
-__all__ = ["sevenn_checkpoint_path", "load_sevenn_checkpoint", "config_from_sevenn", "import_sevenn"]
+__all__ = ["config_from_sevenn", "import_sevenn", "load_sevenn_checkpoint", "sevenn_checkpoint_path"]
 
 _PRETRAINED = {
     "7net-mf-0": ("SevenNet_MF_0", "checkpoint_sevennet_mf_0.pth"),
@@ -80,9 +80,9 @@ def config_from_sevenn(cfg: dict[str, Any], fidelity_name: str = "pbe") -> Model
         raise ValueError(f"unsupported radial basis {rb!r}")
     cf = cfg["cutoff_function"]
     if cf.get("cutoff_function_name") == "XPLOR":
-        cutoff_kw: dict[str, Any] = dict(cutoff_function="xplor", cutoff_on=float(cf["cutoff_on"]))
+        cutoff_kw: dict[str, Any] = {"cutoff_function": "xplor", "cutoff_on": float(cf["cutoff_on"])}
     elif cf.get("cutoff_function_name") == "poly_cut":
-        cutoff_kw = dict(cutoff_function="polynomial", poly_p=int(cf.get("poly_cut_p_value", 6)))
+        cutoff_kw = {"cutoff_function": "polynomial", "poly_p": int(cf.get("poly_cut_p_value", 6))}
     else:
         raise ValueError(f"unsupported cutoff function {cf!r}")
     if int(cfg.get("lmax_edge", -1)) > 0 or int(cfg.get("lmax_node", -1)) > 0:

@@ -8,7 +8,7 @@ know is an error listing the known ones. Elements outside the model raise
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ __all__ = ["MFPotentialCalculator"]
 class MFPotentialCalculator(Calculator):
     """ASE calculator; stress (eV/A^3, Voigt, ASE sign) only for structures periodic in all directions."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(
         self,
