@@ -137,3 +137,67 @@ def test_gpaw_tiny_real_calculation():
     assert np.allclose(forces.sum(axis=0), 0.0, atol=1e-3)
     meta = json.loads(row["meta"])
     assert meta["software"]["gpaw"] and meta["settings"]["ecut"] == 200
+
+
+# ------------------------------------------------------------------ the demo-set generator, with a cheap calculator
+
+
+def _lj_labeller():
+    from ase.calculators.lj import LennardJones
+
+    def factory(atoms):
+        return LennardJones(sigma=2.4, epsilon=0.02, rc=6.0, smooth=True)
+
+    return Labeller({f: Fidelity(f, factory, run_type=rt, settings={"lj": 1}, settings_hash=f"h-{f}")
+                     for f, rt in (("gpaw-pbe", "PBE"), ("gpaw-r2scan", "R2SCAN"))}, source="gpaw")
+
+
+def test_variants_are_deterministic_small_and_varied():
+    from pipeline.sources.demo_set import REFERENCE_PHASES, variant_structures
+
+    refs = {p.name: p.build() for p in REFERENCE_PHASES}
+    a = list(variant_structures(refs, seed=3, count=25))
+    b = list(variant_structures(refs, seed=3, count=25))
+    assert [v[0] for v in a] == [v[0] for v in b]
+    assert all(np.allclose(x[1].positions, y[1].positions) for x, y in zip(a, b, strict=True))
+    assert {m["kind"] for *_, m in a} == {"decorated", "rattled", "strained"}
+    assert all(1 <= len(atoms) <= 8 for _, atoms, _ in a)
+    assert len({v[0] for v in a}) == len(a)
+
+
+def test_demo_generator_is_resumable_and_keeps_test_set_apart(tmp_path):
+    from pipeline.sources.demo_set import REFERENCE_PHASES, DemoSet
+
+    demo = DemoSet(tmp_path, _lj_labeller())
+    refs = {p.name: p.build() for p in REFERENCE_PHASES}
+    demo.label_variants(refs, count=6, seed=1)
+    first = demo.frames.read()
+    assert first.num_rows == 6 + 2  # PBE for all, r2SCAN for variants 0 and 5
+    demo.label_variants(refs, count=6, seed=1)  # re-run: nothing new
+    assert demo.frames.read().num_rows == first.num_rows
+    demo.label_variants(refs, count=8, seed=1)  # continue: only the new ones
+    assert demo.frames.read().num_rows == 10
+    demo.label_variants(refs, count=3, seed=9, test=True)
+    test = demo.test_frames.read().to_pylist()
+    assert len(test) == 3 and {r["fidelity"] for r in test} == {"gpaw-r2scan"}
+    assert not {r["frame_id"] for r in test} & set(demo.frames.read().column("frame_id").to_pylist())
+    demo.deadline = 0.0  # past deadline: starts nothing
+    demo.label_variants(refs, count=12, seed=1)
+    assert demo.frames.read().num_rows == 10
+
+
+def test_demo_generator_records_failed_calculations(tmp_path):
+    from pipeline.sources.demo_set import CANDIDATE_PHASES, DemoSet
+
+    lab = Labeller({f: Fidelity(f, lambda atoms: Exploding(max_atoms=2), run_type="PBE")
+                    for f in ("gpaw-pbe", "gpaw-r2scan")}, source="gpaw")
+    demo = DemoSet(tmp_path, lab)
+    demo.relax_phases(CANDIDATE_PHASES, demo.candidates, "candidate")
+    rejects = {r["record_id"]: r["error"] for r in demo.rejects.read().to_pylist()}
+    # B2 (2 atoms) relaxes with the toy calculator; C11b (3) and L1_2 (4) fail and are kept with their error
+    assert set(rejects) == {"demo-Li2Al-C11b-gpaw-pbe", "demo-Li3Al-L12-gpaw-pbe"}
+    assert all("SCF did not converge" in e for e in rejects.values())
+    ids = set(demo.candidates.read().column("entry_id").to_pylist())
+    assert ids == {"demo-LiAl-B2-gpaw-pbe", "demo-LiAl-B2-gpaw-r2scan"}
+    demo.relax_phases(CANDIDATE_PHASES, demo.candidates, "candidate")  # re-run skips rejected ones
+    assert demo.rejects.read().num_rows == 2

@@ -319,7 +319,8 @@ class DemoSet:
     def write_candidates_extxyz(self) -> None:
         images = []
         for phase in CANDIDATE_PHASES:
-            atoms = phase.build()
+            built = phase.build()  # plain Atoms: no spacegroup bookkeeping from ase.spacegroup.crystal
+            atoms = Atoms(numbers=built.numbers, positions=built.positions, cell=built.cell, pbc=True)
             atoms.info.update(candidate_id=f"demo-{phase.name}", prototype=phase.source)
             images.append(atoms)
         tmp = self.out / ".candidates.extxyz.tmp"
@@ -391,11 +392,124 @@ def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]]
             continue
         pd = PhaseDiagram(refs)
         out[fidelity] = {
-            e.entry_id: {"formation_energy_per_atom": round(pd.get_form_energy_per_atom(e), 4),
-                         "e_above_hull": round(pd.get_e_above_hull(e, allow_negative=True), 4)}
+            e.entry_id: {"formation_energy_per_atom": round(float(pd.get_form_energy_per_atom(e)), 4),
+                         "e_above_hull": round(float(pd.get_e_above_hull(e, allow_negative=True)), 4)}
             for e in refs + [row_to_entry(r) for r in candidates if r["fidelity"] == fidelity]
         }
     return out
+
+
+README_HEAD = """\
+# Li-Al multi-fidelity DFT demo set (GPAW PBE + r2SCAN)
+
+Made by the project itself, with real DFT, for the offline demo and the training tests (the Materials Project
+cannot be reached offline, and the shared MP files have forces only at GGA). Energies are GPAW's, on GPAW's own
+reference scale (not MP's, not VASP's): fidelities are named by source, `gpaw-pbe` and `gpaw-r2scan`.
+
+Regenerate (resumable: stop it any time, re-run the same command and it continues; everything stored or
+rejected is skipped):
+
+    scripts/install_dft.sh                       # once: apt libxc/BLAS/MPI/FFTW + pip gpaw gpaw-data
+    OMP_NUM_THREADS=1 python -m pipeline.sources.demo_set [--stop-at HH:MM] [--max-variants 100] [--n-test 8]
+
+`--stop-at` (UTC) starts no new calculation after that time; re-running later adds the rest. This README and
+`manifest.json` are rewritten from the data at the end of every run.
+
+## Layout
+
+| path | content |
+|---|---|
+| `frames/` | ParquetDataset, `FRAMES_SCHEMA`, key `frame_id`: every TRAINING frame (energy, forces, stress) |
+| `test_frames/` | held-out r2SCAN frames (other random seeds); never in `frames/`, never for training |
+| `entries/` | `ENTRIES_SCHEMA`: relaxed reference phases at both fidelities, `thermo_type="raw"`, no corrections |
+| `candidates/` | `ENTRIES_SCHEMA`: relaxed candidate phases (not references) = E_hull ground truth of the demo |
+| `candidates.extxyz` | the candidates' UNRELAXED starting structures, `info["candidate_id"]` = entry_id stem |
+| `rejects/` | failed calculations with their error (`REJECTS_SCHEMA`), skipped on re-runs |
+| `manifest.json` | counts, settings, versions, per-calculation timings, formation energies |
+
+Frame ids: `gpaw:<structure>:<fidelity>` (single points) and `gpaw:reference-<phase>:<fidelity>:relax:<step>`
+(ionic steps of the relaxations; the last step, `meta.kind == "reference"`, is the relaxed structure).
+`meta` (JSON) holds `kind` (reference | relax-step | rattled | strained | decorated), `parent`, `settings`,
+`settings_hash` (one per fidelity: frames with equal hashes share one energy scale), `software` versions and
+`seconds` (wall time of that calculation, or of that ionic step, on one core). Stress is in eV/A^3 with the
+ASE sign (tensile positive); GPAW gives it for PBE and for r2SCAN here, so no stress is missing.
+Entries: `entry_id` = `demo-<phase>-<fidelity>`, `run_type` PBE / R2SCAN, `parameters["settings"]`,
+`data` = prototype source, relaxation steps and time.
+
+## DFT settings (both fidelities identical except the functional)
+
+* GPAW plane waves, cutoff 300 eV; Gamma-centred Monkhorst-Pack grid with ASE k-point density 3.0 per
+  reciprocal Angstrom (grid_i = ceil(3.0 |b_i|), |b_i| including 2 pi; ~0.33 A^-1 spacing); Fermi-Dirac smearing
+  0.1 eV (energies extrapolated to zero width); GPAW default SCF convergence; symmetry found by GPAW.
+* PBE: `xc="PBE"`. r2SCAN: libxc `MGGA_X_R2SCAN+MGGA_C_R2SCAN`. PAW setups: GPAW's PBE setups from
+  `gpaw-data` (Li: 1 valence electron, 1s frozen; Al: 3 valence electrons), used for both functionals
+  (there are no r2SCAN PAW setups).
+* Relaxations: ASE BFGS on a FrechetCellFilter with FixSymmetry (space group kept), fmax 0.02 eV/A, at most
+  40 steps. r2SCAN relaxations start from the PBE-relaxed structure.
+* Convergence (measured, PBE, LiAl B32 formation energy, meV/atom): k-density 2.0: -117.3, 3.0: -193.4,
+  4.5: -185.9; cutoff 450 eV at k-density 4.5: -185.8 (cutoff 300 eV is converged to 0.1 meV/atom).
+  So the k-point sampling chosen (3.0) is ~8 meV/atom off the converged formation energy: the cost limit
+  of a 2-core developer session. Do not read hull distances below ~10 meV/atom as significant.
+
+## Structures
+
+Reference phases (built from their prototypes with `ase.spacegroup.crystal`, then relaxed):
+
+* Li bcc (A2, Im-3m), Al fcc (A1, Fm-3m).
+* LiAl B32 (NaTl type, Fd-3m, Li 8a / Al 8b, a = 6.37 A; 4 atoms in the primitive cell).
+* Li3Al2 (R-3m, a = 4.508 A, c = 14.259 A, Li 3a + 6c, Al 6c; Tebbe, Schafer & Schafer, Z. Naturforsch. 1973);
+  the 6c z parameters start at their ideal bcc-stacking values (Li 1/5, Al 2/5) and are relaxed.
+* LiAl3 L1_2 (Cu3Au type, metastable delta' precipitate of Al-Li alloys, a = 4.01 A).
+* Li9Al4 (C2/m, 13 atoms in the primitive cell) is left out: measured costs (Li3Al2, 5 atoms: 127 s PBE +
+  188 s r2SCAN relaxation on one core) put it near an hour per fidelity at lower symmetry.
+
+Candidates (not references; ground truth for the demo E_hull report): LiAl B2 (CsCl), Li2Al C11_b (MoSi2 type
+bcc superstructure, hypothetical), Li3Al L1_2 (hypothetical); relaxed at PBE and r2SCAN like the references.
+Their relaxation frames are NOT in `frames/`.
+
+Training variants (<= 8 atoms, deterministic seeds, round robin decorated / rattled / decorated / strained /
+rattled): *decorated* fcc/bcc/hcp cells of 2-8 sites with random Li/Al occupation at Vegard volume, rattled
+0.03 A; *rattled*: PBE-relaxed references repeated to 2-8 atoms, +-2 % strain, rattled 0.03/0.06/0.1 A;
+*strained*: PBE-relaxed primitive references with a random symmetric strain up to 4 %. PBE for all, r2SCAN
+also for every 5th (20 %). The held-out test set uses the same recipe with another seed, r2SCAN only.
+"""
+
+
+def readme_tables(manifest: dict[str, Any]) -> str:
+    """Markdown tables of counts, timings and formation energies from the manifest."""
+    lines = ["## Counts (this commit)", "", "| set | fidelity | frames | by kind |", "|---|---|---|---|"]
+    for part in ("frames", "test_frames"):
+        for fid, s in sorted(manifest[part].items()):
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items()))
+            lines.append(f"| `{part}/` | {fid} | {s['frames']} | {kinds} |")
+    c = manifest["counts"]
+    lines += ["", f"Entries: {c['entries']}, candidates: {c['candidates']}, rejected calculations: {c['rejects']}.",
+              "", "## Time per single-point calculation (one core, seconds; from `meta.seconds`)", "",
+              "| fidelity | atoms | n | mean | max |", "|---|---|---|---|---|"]
+    for part in ("frames", "test_frames"):
+        for fid, s in sorted(manifest[part].items()):
+            for nat, t in s["single_point_seconds_by_natoms"].items():
+                lines.append(f"| {fid} ({part}) | {nat} | {t['n']} | {t['mean']} | {t['max']} |")
+    lines += ["", "Relaxations (one core, whole relaxation):", "", "| entry | steps | seconds |", "|---|---|---|"]
+    lines += [f"| {k} | {v['relax_steps']} | {v['relax_seconds']} |" for k, v in sorted(manifest["entries"].items())]
+    lines += ["", "## Formation energies and energy above the reference hull (eV/atom)", "",
+              "Reference hull = the relaxed reference phases of the same fidelity; candidates are placed on it.", "",
+              "| entry | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |", "|---|---|---|---|---|"]
+    hull = manifest.get("hull", {})
+    names = sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d})
+    for name in names:
+        cells = []
+        for fid in (PBE, R2SCAN):
+            v = hull.get(fid, {}).get(f"{name}-{fid}")
+            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(out: Path, manifest: dict[str, Any]) -> None:
+    from pipeline.io import write_text_atomic
+
+    write_text_atomic(out / "README.md", README_HEAD + "\n" + readme_tables(manifest))
 
 
 def run(out: Path, stages: list[str], max_variants: int, n_test: int, deadline: float | None) -> DemoSet:
@@ -420,7 +534,7 @@ def run(out: Path, stages: list[str], max_variants: int, n_test: int, deadline: 
     elif "test" in stages and refs:
         demo.label_variants(refs, n_test, seed=7, test=True)
         demo.compact()
-    demo.write_manifest()
+    write_readme(demo.out, demo.write_manifest())
     return demo
 
 
