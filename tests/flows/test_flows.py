@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
@@ -39,3 +40,19 @@ def test_ingest_files_flow_on_real_res(prefect_api, mp_file, tmp_path):
     out = ingest_files_flow([str(mp_file("mp-res_Li-Ni-O/Li-Ni-O_eah0.res.tar"))], str(tmp_path))
     assert out[0]["entries_read"] == out[0]["entries_written"] == 25 and out[0]["rejects_read"] == 0
     assert read_table(tmp_path / "entries").num_rows == 25
+
+
+def test_demo_flow_end_to_end(prefect_api, tmp_path):
+    """The README's main job on the committed data/demo set (2 epochs: checks the wiring, not the accuracy)."""
+    from flows.demo import DEMO_FIDELITIES, demo_flow
+
+    summary = demo_flow(out_dir=str(tmp_path), epochs=2)
+    assert (tmp_path / "model" / "best.pt").exists() and (tmp_path / "demo_summary.json").exists()
+    for fidelity in DEMO_FIDELITIES:
+        files = summary["reports"][fidelity]
+        report = pq.read_table(files["report"]).to_pylist()
+        assert report and all(r["fidelity"] == fidelity for r in report)
+        assert all(r["e_hull_true"] is not None for r in report)  # DFT truth matched to every candidate
+        assert all(r["error"] is None for r in report), [r["error"] for r in report]
+    if "held_out_test" in summary:
+        assert any(k.startswith("gpaw-r2scan/") for k in summary["held_out_test"])
