@@ -207,6 +207,10 @@ def variant_structures(references: dict[str, Atoms], seed: int, count: int, pref
 # ------------------------------------------------------------------------------------------------ writer
 
 
+class DeadlineReached(Exception):
+    """The --stop-at time has passed: no new calculation is started."""
+
+
 class DemoSet:
     """The folders of the demo set, and the resumable stages that fill them."""
 
@@ -223,6 +227,14 @@ class DemoSet:
     # -- helpers
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.time() > self.deadline
+
+    def _todo(self, key: str, skip: set[str]) -> bool:
+        """Whether ``key`` still needs a calculation; raises :class:`DeadlineReached` when out of time."""
+        if key in skip:
+            return False
+        if self.out_of_time():
+            raise DeadlineReached(key)
+        return True
 
     def _rejected(self) -> set[str]:
         return {r["record_id"] for r in self.rejects.read(columns=["record_id"]).to_pylist()}
@@ -251,63 +263,65 @@ class DemoSet:
     # -- stages
     def relax_phases(self, phases: tuple[Phase, ...], dataset: ParquetDataset, kind: str) -> None:
         """PBE relaxation from the prototype, then r2SCAN from the PBE structure; entries + ionic-step frames."""
-        for fidelity in (PBE, R2SCAN):
-            done, rejected = self._entry_ids(dataset), self._rejected()
-            pbe_relaxed = self.relaxed_structures(dataset, PBE)
-            for phase in phases:
-                entry_id = f"demo-{phase.name}-{fidelity}"
-                if entry_id in done or entry_id in rejected:
-                    continue
-                if self.out_of_time():
-                    log.info("deadline reached: stopping before %s", entry_id)
-                    return
-                start = phase.build() if fidelity == PBE else pbe_relaxed.get(phase.name)
-                if start is None:
-                    log.warning("no PBE structure for %s: skipping its r2SCAN relaxation", phase.name)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    relaxed, rows = self.labeller.relax(
-                        start, fidelity, f"gpaw:{kind}-{phase.name}:{fidelity}:relax", fmax=RELAX_FMAX,
-                        steps=RELAX_STEPS, meta={"parent": phase.name, "phase_kind": kind},
-                    )
-                except Exception as exc:  # noqa: BLE001 - recorded and skipped
-                    self._reject(entry_id, exc)
-                    continue
-                seconds = time.perf_counter() - t0
-                # the last ionic step IS the relaxed structure: it is the "reference" frame (no duplicate row)
-                final = rows[-1]
-                meta = {**json.loads(final["meta"]), "kind": kind, "relaxed": True, "relax_steps": len(rows),
-                        "relax_seconds": round(seconds, 1)}
-                final["meta"] = json.dumps(meta, sort_keys=True)
-                entry = ComputedStructureEntry(
-                    AseAtomsAdaptor.get_structure(relaxed), relaxed.get_potential_energy(),
-                    parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(
-                        self.labeller.fidelity(fidelity).settings)},
-                    data={"phase": phase.name, "prototype": phase.source, "relax_steps": len(rows),
-                          "relax_seconds": round(seconds, 1), "max_force": float(np.abs(relaxed.get_forces()).max())},
-                    entry_id=entry_id,
+        try:
+            for fidelity in (PBE, R2SCAN):
+                self._relax_all(phases, dataset, kind, fidelity)
+        except DeadlineReached as stop:
+            log.info("deadline reached: stopping before %s", stop)
+
+    def _relax_all(self, phases: tuple[Phase, ...], dataset: ParquetDataset, kind: str, fidelity: str) -> None:
+        skip = self._entry_ids(dataset) | self._rejected()
+        pbe_relaxed = self.relaxed_structures(dataset, PBE)
+        for phase in phases:
+            entry_id = f"demo-{phase.name}-{fidelity}"
+            if not self._todo(entry_id, skip):
+                continue
+            start = phase.build() if fidelity == PBE else pbe_relaxed.get(phase.name)
+            if start is None:
+                log.warning("no PBE structure for %s: skipping its r2SCAN relaxation", phase.name)
+                continue
+            t0 = time.perf_counter()
+            try:
+                relaxed, rows = self.labeller.relax(
+                    start, fidelity, f"gpaw:{kind}-{phase.name}:{fidelity}:relax", fmax=RELAX_FMAX,
+                    steps=RELAX_STEPS, meta={"parent": phase.name, "phase_kind": kind},
                 )
-                if kind == "reference":  # candidates' frames stay out of training: they are the test truth
-                    self.frames.append(frames_table(rows))
-                dataset.append(entries_table([entry_to_row(
-                    entry, source="gpaw", thermo_type="raw", fidelity=fidelity, meta={"kind": kind})]))
-                log.info("%s: %.4f eV/atom, %d steps, %.0f s", entry_id, entry.energy_per_atom, len(rows), seconds)
+            except Exception as exc:  # noqa: BLE001 - recorded and skipped
+                self._reject(entry_id, exc)
+                continue
+            seconds = time.perf_counter() - t0
+            # the last ionic step IS the relaxed structure: it is the "reference" frame (no duplicate row)
+            final = rows[-1]
+            meta = {**json.loads(final["meta"]), "kind": kind, "relaxed": True, "relax_steps": len(rows),
+                    "relax_seconds": round(seconds, 1)}
+            final["meta"] = json.dumps(meta, sort_keys=True)
+            entry = ComputedStructureEntry(
+                AseAtomsAdaptor.get_structure(relaxed), relaxed.get_potential_energy(),
+                parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(
+                    self.labeller.fidelity(fidelity).settings)},
+                data={"phase": phase.name, "prototype": phase.source, "relax_steps": len(rows),
+                      "relax_seconds": round(seconds, 1), "max_force": float(np.abs(relaxed.get_forces()).max())},
+                entry_id=entry_id,
+            )
+            if kind == "reference":  # candidates' frames stay out of training: they are the test truth
+                self.frames.append(frames_table(rows))
+            dataset.append(entries_table([entry_to_row(
+                entry, source="gpaw", thermo_type="raw", fidelity=fidelity, meta={"kind": kind})]))
+            log.info("%s: %.4f eV/atom, %d steps, %.0f s", entry_id, entry.energy_per_atom, len(rows), seconds)
 
     def label_variants(self, references: dict[str, Atoms], count: int, seed: int, test: bool = False) -> None:
         """PBE (+ r2SCAN on every R2SCAN_EVERY-th) for training variants; r2SCAN only for the test set."""
         target = self.test_frames if test else self.frames
-        done, rejected = target.keys(), self._rejected()
+        skip = target.keys() | self._rejected()
         prefix = "test-" if test else ""
+        todo = []
         for i, (vid, atoms, meta) in enumerate(variant_structures(references, seed, count, prefix)):
             fidelities = [R2SCAN] if test else ([PBE, R2SCAN] if i % R2SCAN_EVERY == 0 else [PBE])
-            for fidelity in fidelities:
-                frame_id = f"gpaw:{vid}:{fidelity}"
-                if frame_id in done or frame_id in rejected:
+            todo += [(f"gpaw:{vid}:{fidelity}", fidelity, atoms, meta) for fidelity in fidelities]
+        try:
+            for frame_id, fidelity, atoms, meta in todo:
+                if not self._todo(frame_id, skip):
                     continue
-                if self.out_of_time():
-                    log.info("deadline reached: stopping before %s", frame_id)
-                    return
                 try:
                     row = self.labeller.label(atoms, fidelity, frame_id, meta={**meta, "test": test})
                 except Exception as exc:  # noqa: BLE001 - recorded and skipped
@@ -315,6 +329,8 @@ class DemoSet:
                     continue
                 target.append(frames_table([row]))
                 log.info("%s: %d atoms, %.1f s", frame_id, len(atoms), json.loads(row["meta"])["seconds"])
+        except DeadlineReached as stop:
+            log.info("deadline reached: stopping before %s", stop)
 
     def write_candidates_extxyz(self) -> None:
         images = []
