@@ -145,6 +145,10 @@ def test_isolated_atom_single_atom_cell_and_molecule(model):
     assert torch.isfinite(out["energy"]).all() and torch.allclose(out["forces"], torch.zeros(1, 3, dtype=torch.float64))
     ref = run(model, single * (2, 2, 2))
     assert float(ref["energy"][0]) == pytest.approx(8 * float(out["energy"][0]), abs=1e-8)
+    lone = Atoms("Li", positions=[[0, 0, 0]], cell=np.eye(3) * 20, pbc=True)  # a graph without any edge
+    out = run(model, lone)
+    assert torch.isfinite(out["energy"]).all() and torch.count_nonzero(out["forces"]) == 0
+    assert torch.count_nonzero(out["stress"]) == 0
     mol = Atoms("LiO", positions=[[0, 0, 0], [1.6, 0, 0]], pbc=False)
     out = run(model, mol)
     assert torch.isnan(out["stress"]).all()  # no volume: no stress

@@ -155,7 +155,7 @@ class FusedUVUTensorProduct(nn.Module):
             weight_start.append(start)
             start += self.irreps_in1[i1].mul
         self.weight_numel = start
-        self.blocks: list[tuple[int, int, int, int]] = []  # (i1, start, stop, mul) of input irreps with paths
+        self.blocks: list[tuple[int, int, int, int, int, int]] = []  # (i1, start, stop, mul, d1, cols)
         self._cg_master: dict[int, torch.Tensor] = {}
         self._cg_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         weight_index: list[int] = []
@@ -181,7 +181,7 @@ class FusedUVUTensorProduct(nn.Module):
             # per dtype/device on use.
             self._cg_master[i1] = mat.permute(1, 0, 2).reshape(d2_all, d1 * cols).contiguous()
             sl = self.irreps_in1.slices()[i1]
-            self.blocks.append((i1, sl.start, sl.stop, mul))
+            self.blocks.append((i1, sl.start, sl.stop, mul, d1, cols))
             # grouped layout of this block: (u, cols); output layout of path k: (u, d3) at out_slices[io]
             for u in range(mul):
                 for k, io, c0, d3 in col_path:
@@ -205,10 +205,10 @@ class FusedUVUTensorProduct(nn.Module):
         """Per-edge products in grouped column order (multiply-by-weight included)."""
         n = x1.shape[0]
         parts = []
-        for i1, start, stop, mul in self.blocks:
-            a = x1[:, start:stop].reshape(n, mul, -1)  # (edges, u, d1)
-            filt = torch.matmul(x2, self._cg(i1, x2)).reshape(n, a.shape[2], -1)  # (edges, d1, cols)
-            parts.append(torch.bmm(a, filt).reshape(n, -1))  # (edges, u * cols)
+        for i1, start, stop, mul, d1, cols in self.blocks:
+            a = x1[:, start:stop].reshape(n, mul, d1)
+            filt = torch.matmul(x2, self._cg(i1, x2)).reshape(n, d1, cols)
+            parts.append(torch.bmm(a, filt).reshape(n, mul * cols))
         grouped = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return grouped * weight.index_select(1, self.weight_index)
 
