@@ -25,7 +25,7 @@ import torch
 import vesin
 from ase import Atoms
 
-__all__ = ["Graph", "neighbor_list", "atoms_to_graph", "batch_graphs", "frame_rows_to_graph", "fidelity_index"]
+__all__ = ["Graph", "atoms_to_graph", "batch_graphs", "fidelity_index", "frame_rows_to_graph", "neighbor_list"]
 
 
 def neighbor_list(
@@ -139,7 +139,7 @@ def _single(
         raise ValueError(f"{len(pos)} positions for {len(z)} atoms")
     if not np.all(np.isfinite(pos)) or not np.all(np.isfinite(lat)):
         raise ValueError("positions or cell contain NaN or inf")
-    if pbc_arr.any() and abs(np.linalg.det(lat)) < 1e-8 and pbc_arr.all():
+    if pbc_arr.all() and abs(np.linalg.det(lat)) < 1e-8:
         raise ValueError("periodic cell with zero volume")
     i, j, s = neighbor_list(pos, lat, pbc_arr, cutoff)
     lat_out = np.where(pbc_arr[:, None], lat, 0.0) if not pbc_arr.all() else lat

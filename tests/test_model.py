@@ -262,3 +262,20 @@ def test_edge_chunked_evaluation_equals_plain(model, monkeypatch):
     chunked = {k: v.detach() for k, v in model(g).items()}
     for key in ("energy", "forces", "stress"):
         assert torch.allclose(plain[key], chunked[key], atol=1e-10)
+
+
+def test_o3_model_is_invariant_under_reflections():
+    """parity=True builds an O(3) model (energy invariant under mirrors too); SevenNet-MF-0 is SO(3)."""
+    torch.manual_seed(2)
+    cfg = preset("small", elements=("Li", "Ni", "O"), parity=True, lmax=2)
+    m = MFPotential(cfg).to(torch.float64).eval()
+    assert "1o" in cfg.node_irreps and "1e" in cfg.node_irreps
+    atoms = lno(0.1)
+    ref = run(m, atoms)
+    mirror = np.diag([1.0, -1.0, 1.0]) @ o3.rand_matrix().double().numpy()
+    moved = atoms.copy()
+    moved.set_cell(atoms.cell.array @ mirror.T, scale_atoms=False)
+    moved.positions = atoms.positions @ mirror.T
+    out = run(m, moved)
+    assert out["energy"][0] == pytest.approx(float(ref["energy"][0]), abs=1e-7)
+    assert torch.allclose(out["forces"], ref["forces"] @ torch.from_numpy(mirror).T, atol=1e-9)
