@@ -93,6 +93,10 @@ class Graph:
     def dtype(self) -> torch.dtype:
         return self.positions.dtype
 
+    def avg_num_neighbors(self) -> float:
+        """Mean number of neighbours per atom (the convolution normaliser to put in a ModelConfig)."""
+        return self.num_edges / max(self.num_atoms, 1)
+
     def volume(self) -> torch.Tensor:
         """(B,) cell volumes (A^3); 0 for structures that are not periodic in all three directions."""
         vol = torch.linalg.det(self.cell).abs()

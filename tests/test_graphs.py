@@ -73,3 +73,8 @@ def test_bad_structure_is_named():
     bad = Atoms("H2", positions=[[0, 0, 0], [np.nan, 0, 0]], cell=np.eye(3) * 5, pbc=True)
     with pytest.raises(ValueError, match=r"structure 1 \(H2\).*NaN"):
         atoms_to_graph([bulk("Si"), bad], 4.0)
+
+
+def test_avg_num_neighbors():
+    g = atoms_to_graph(bulk("Cu", "fcc", a=3.6) * (2, 2, 2), cutoff=3.0)  # 12 nearest neighbours at 2.55 A
+    assert g.avg_num_neighbors() == pytest.approx(12.0)

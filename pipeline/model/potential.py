@@ -3,6 +3,15 @@
 Forces are ``-dE/dpositions``; stress is ``(1/V) dE/d(strain)`` (ASE sign: tensile positive, eV/A^3) from
 autograd through a symmetric strain applied to positions and cell. Energies are
 ``sum_atoms (scale[fidelity] * e_atom + shift[fidelity, element])``.
+
+Use from a trainer::
+
+    refs = references_from_frames(frames)                      # per-fidelity element shifts + scales
+    graph = frame_rows_to_graph(rows, cfg.cutoff, cfg.fidelities)
+    cfg = replace(cfg, avg_num_neighbors=graph.avg_num_neighbors())   # from the training set
+    model = MFPotential(cfg, refs).train()
+    out = model(graph)            # energy (B,), forces (N, 3), stress (B, 3, 3); create_graph=True in train mode
+    # losses: mask each structure by its has_energy / has_forces / has_stress labels
 """
 
 from __future__ import annotations
