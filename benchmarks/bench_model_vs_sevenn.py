@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import resource
-import tarfile
 import time
 import warnings
 
@@ -35,18 +33,15 @@ def base_structure() -> Atoms:
     path = shared_data_dir() / "mp-res_Li-Ni-O" / "Li-Ni-O.res.tar"
     if path.is_file():
         from pymatgen.io.ase import AseAtomsAdaptor
-        from pymatgen.io.res import ResProvider
 
-        with tarfile.open(path) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                if not member.isfile():
-                    continue
-                text = tar.extractfile(member).read().decode()
-                st = ResProvider.from_str(text).structure
-                if len(st) == 8 and len(st.composition.elements) == 3:
-                    atoms = AseAtomsAdaptor.get_atoms(st)
-                    atoms.info["name"] = re.sub(r"\.res$", "", member.name.split("/")[-1])
-                    return atoms
+        from pipeline.sources.res import read_res_entries
+
+        for entry in read_res_entries(path)[0]:
+            st = entry.structure
+            if len(st) == 8 and len(st.composition.elements) == 3:
+                atoms = AseAtomsAdaptor.get_atoms(st)
+                atoms.info["name"] = entry.entry_id
+                return atoms
     from ase.build import bulk
 
     atoms = bulk("NiO", "rocksalt", a=4.17, cubic=True)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import tarfile
-
 import numpy as np
 import pytest
 import torch
@@ -46,19 +43,12 @@ def test_fit_recovers_synthetic_references():
 
 
 def _res_entries(path):
-    numbers, energies, fids = [], [], []
-    from pymatgen.io.res import ResProvider
+    from pipeline.sources.res import read_res_entries
 
-    with tarfile.open(path) as tar:
-        for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            if not m.isfile():
-                continue
-            text = tar.extractfile(m).read().decode()
-            st = ResProvider.from_str(text).structure
-            numbers.append([site.specie.Z for site in st])
-            energies.append(float(re.search(r"Energy \(Uncorrected\)\s*=\s*(\S+)", text).group(1)))
-            fids.append(re.search(r"run_type\s*=\s*(\S+)", text).group(1))
-    return numbers, np.array(energies), fids
+    entries, _ = read_res_entries(path)
+    numbers = [[site.specie.Z for site in e.structure] for e in entries]
+    energies = np.array([e.uncorrected_energy for e in entries])
+    return numbers, energies, [e.parameters["run_type"] for e in entries]
 
 
 def test_fit_on_real_li_ni_o_separates_fidelities(mp_file):

@@ -6,7 +6,6 @@ runs in float64, sevenn in its float32; tolerances of the issue: 1e-4 eV/atom, 1
 
 from __future__ import annotations
 
-import tarfile
 import warnings
 
 import numpy as np
@@ -25,15 +24,12 @@ MODALS = {"PBE": "pbe", "R2SCAN": "r2scan"}
 @pytest.fixture(scope="module")
 def structures(mp_file):
     from pymatgen.io.ase import AseAtomsAdaptor
-    from pymatgen.io.res import ResProvider
+
+    from pipeline.sources.res import read_res_entries
 
     picked = []
-    with tarfile.open(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar")) as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-        by_size = []
-        for m in members:
-            st = ResProvider.from_str(tar.extractfile(m).read().decode()).structure
-            by_size.append((len(st), len(st.composition.elements), m.name, st))
+    entries, _ = read_res_entries(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"))
+    by_size = [(len(e.structure), len(e.structure.composition.elements), e.entry_id, e.structure) for e in entries]
     by_size.sort(key=lambda t: (t[0], t[2]))
     binaries = [t for t in by_size if t[1] == 2 and t[0] >= 2][:1]
     ternaries = [t for t in by_size if t[1] == 3 and t[0] <= 12][:2]
