@@ -102,6 +102,7 @@ def test_r2scan_subset_of_variants(frames):
     r2 = [r for r in variants if r["fidelity"] == R2SCAN]
     assert pbe and r2
     assert 0.1 <= len(r2) / len(pbe) <= 0.35
+    assert len({json.loads(r["meta"])["kind"] for r in r2}) >= 2  # not only one kind of variant
     # every r2SCAN variant also has its PBE label (same structure, both fidelities)
     pbe_ids = {r["frame_id"].rsplit(":", 1)[0] for r in pbe}
     assert {r["frame_id"].rsplit(":", 1)[0] for r in r2} <= pbe_ids

@@ -165,6 +165,15 @@ def test_variants_are_deterministic_small_and_varied():
     assert len({v[0] for v in a}) == len(a)
 
 
+def test_r2scan_subset_covers_every_kind():
+    from pipeline.sources.demo_set import R2SCAN_EVERY, REFERENCE_PHASES, gets_r2scan, variant_structures
+
+    refs = {p.name: p.build() for p in REFERENCE_PHASES}
+    chosen = [m["kind"] for i, (*_, m) in enumerate(variant_structures(refs, seed=1, count=50)) if gets_r2scan(i)]
+    assert len(chosen) == 50 // R2SCAN_EVERY
+    assert set(chosen) == {"decorated", "rattled", "strained"}
+
+
 def test_demo_generator_is_resumable_and_keeps_test_set_apart(tmp_path):
     from pipeline.sources.demo_set import REFERENCE_PHASES, DemoSet
 
@@ -172,11 +181,11 @@ def test_demo_generator_is_resumable_and_keeps_test_set_apart(tmp_path):
     refs = {p.name: p.build() for p in REFERENCE_PHASES}
     demo.label_variants(refs, count=6, seed=1)
     first = demo.frames.read()
-    assert first.num_rows == 6 + 2  # PBE for all, r2SCAN for variants 0 and 5
+    assert first.num_rows == 6 + 1  # PBE for all, r2SCAN for variant 0 (the next one is variant 6)
     demo.label_variants(refs, count=6, seed=1)  # re-run: nothing new
     assert demo.frames.read().num_rows == first.num_rows
     demo.label_variants(refs, count=8, seed=1)  # continue: only the new ones
-    assert demo.frames.read().num_rows == 10
+    assert demo.frames.read().num_rows == 8 + 2
     demo.label_variants(refs, count=3, seed=9, test=True)
     test = demo.test_frames.read().to_pylist()
     assert len(test) == 3 and {r["fidelity"] for r in test} == {"gpaw-r2scan"}

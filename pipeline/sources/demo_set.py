@@ -10,7 +10,7 @@ Stages (each resumable: a re-run skips every frame / entry already stored, or al
 2. ``candidates``: phases that are NOT references, relaxed the same way -> ``candidates/`` (ground truth) and
    their unrelaxed starting structures -> ``candidates.extxyz``.
 3. ``variants``: rattled and strained references and decorated fcc/bcc/hcp cells (<= 8 atoms), PBE for all,
-   r2SCAN for every ``R2SCAN_EVERY``-th -> ``frames/``.
+   r2SCAN for one in ``R2SCAN_EVERY`` (see :func:`gets_r2scan`) -> ``frames/``.
 4. ``test``: a separate set of variants (other seeds), r2SCAN only -> ``test_frames/`` (never in ``frames/``).
 
 Structures of the known phases come from their published prototypes (see ``REFERENCE_PHASES``).
@@ -48,7 +48,7 @@ log = logging.getLogger("pipeline.sources.demo_set")
 
 PBE, R2SCAN = "gpaw-pbe", "gpaw-r2scan"
 RUN_TYPE = {PBE: "PBE", R2SCAN: "R2SCAN"}
-R2SCAN_EVERY = 5  # every 5th training variant also gets r2SCAN (20 %)
+R2SCAN_EVERY = 5  # one training variant in 5 also gets r2SCAN (20 %), see gets_r2scan
 RELAX_FMAX = 0.02  # eV/A (and the same on the cell through FrechetCellFilter)
 RELAX_STEPS = 40
 
@@ -204,6 +204,12 @@ def variant_structures(references: dict[str, Atoms], seed: int, count: int, pref
         yield prefix + vid, atoms, meta
 
 
+def gets_r2scan(index: int) -> bool:
+    """One variant in each block of ``R2SCAN_EVERY`` also gets r2SCAN, at a position that rotates from block to
+    block so that every kind of the round robin (which also has period 5) is in the r2SCAN subset."""
+    return index % R2SCAN_EVERY == (index // R2SCAN_EVERY) % R2SCAN_EVERY
+
+
 # ------------------------------------------------------------------------------------------------ writer
 
 
@@ -310,13 +316,13 @@ class DemoSet:
             log.info("%s: %.4f eV/atom, %d steps, %.0f s", entry_id, entry.energy_per_atom, len(rows), seconds)
 
     def label_variants(self, references: dict[str, Atoms], count: int, seed: int, test: bool = False) -> None:
-        """PBE (+ r2SCAN on every R2SCAN_EVERY-th) for training variants; r2SCAN only for the test set."""
+        """PBE (+ r2SCAN where :func:`gets_r2scan`) for training variants; r2SCAN only for the test set."""
         target = self.test_frames if test else self.frames
         skip = target.keys() | self._rejected()
         prefix = "test-" if test else ""
         todo = []
         for i, (vid, atoms, meta) in enumerate(variant_structures(references, seed, count, prefix)):
-            fidelities = [R2SCAN] if test else ([PBE, R2SCAN] if i % R2SCAN_EVERY == 0 else [PBE])
+            fidelities = [R2SCAN] if test else ([PBE, R2SCAN] if gets_r2scan(i) else [PBE])
             todo += [(f"gpaw:{vid}:{fidelity}", fidelity, atoms, meta) for fidelity in fidelities]
         try:
             for frame_id, fidelity, atoms, meta in todo:
@@ -486,8 +492,11 @@ Their relaxation frames are NOT in `frames/`.
 Training variants (<= 8 atoms, deterministic seeds, round robin decorated / rattled / decorated / strained /
 rattled): *decorated* fcc/bcc/hcp cells of 2-8 sites with random Li/Al occupation at Vegard volume, rattled
 0.03 A; *rattled*: PBE-relaxed references repeated to 2-8 atoms, +-2 % strain, rattled 0.03/0.06/0.1 A;
-*strained*: PBE-relaxed primitive references with a random symmetric strain up to 4 %. PBE for all, r2SCAN
-also for every 5th (20 %). The held-out test set uses the same recipe with another seed, r2SCAN only.
+*strained*: PBE-relaxed primitive references with a random symmetric strain up to 4 %. PBE for all; r2SCAN
+also for one variant in five, at a position rotating from block to block so that all kinds are covered
+(`gets_r2scan`). A first run picked exactly every 5th variant (all of them decorated cells); those 20 r2SCAN
+frames (variants 0, 5, ..., 95) were kept, so the r2SCAN share of the variants is a little above 20 %.
+The held-out test set uses the same recipe with another seed, r2SCAN only.
 """
 
 
