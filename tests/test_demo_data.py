@@ -119,8 +119,11 @@ def test_reference_phases_present_at_both_fidelities(entries, frames):
     relaxed = [r for r in frames if json.loads(r["meta"])["kind"] == "reference"]
     assert {(json.loads(r["meta"])["parent"], r["fidelity"]) for r in relaxed} == {
         (p.name, f) for p in REFERENCE_PHASES for f in FIDELITIES}
-    for r in relaxed:  # relaxed: small forces
+    energies = {r["entry_id"]: r["uncorrected_energy"] for r in entries}
+    for r in relaxed:  # relaxed: small forces, and the same energy as the entry
         assert np.abs(np.asarray(r["forces"])).max() < 0.05, r["frame_id"]
+        parent = json.loads(r["meta"])["parent"]
+        assert r["energy"] == pytest.approx(energies[f"demo-{parent}-{r['fidelity']}"], abs=1e-8)
 
 
 @pytest.mark.parametrize("fidelity", sorted(FIDELITIES))

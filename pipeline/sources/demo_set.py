@@ -528,6 +528,11 @@ def readme_tables(manifest: dict[str, Any]) -> str:
             v = hull.get(fid, {}).get(f"{name}-{fid}")
             cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    below = [f"{k} ({v['e_above_hull']:+.4f})" for f, d in sorted(hull.items()) for k, v in sorted(d.items())
+             if v["e_above_hull"] < 0]
+    if below:
+        lines += ["", "Negative E_hull = below the hull of the references (a candidate the reference set misses): "
+                  + ", ".join(below) + ". Hull distances within ~10 meV/atom are below the k-point error."]
     return "\n".join(lines) + "\n"
 
 
