@@ -260,8 +260,15 @@ def test_edge_chunked_evaluation_equals_plain(model, monkeypatch):
     monkeypatch.setattr(Convolution, "edge_chunk", 37)  # many uneven chunks
     assert g.num_edges > 2 * 37
     chunked = {k: v.detach() for k, v in model(g).items()}
+    # edges in any order (not grouped by center) give the same result too
+    from dataclasses import replace
+
+    perm = torch.randperm(g.num_edges, generator=torch.Generator().manual_seed(0))
+    shuffled = replace(g, edge_index=g.edge_index[:, perm], edge_shift=g.edge_shift[perm])
+    unsorted = {k: v.detach() for k, v in model(shuffled).items()}
     for key in ("energy", "forces", "stress"):
         assert torch.allclose(plain[key], chunked[key], atol=1e-10)
+        assert torch.allclose(plain[key], unsorted[key], atol=1e-10)
 
 
 def test_o3_model_is_invariant_under_reflections():

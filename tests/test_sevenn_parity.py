@@ -85,3 +85,21 @@ def test_energy_forces_stress_equal_sevenn(structures, imported, modal):
         assert np.abs(out["stress"][0].numpy() - s_ref).max() / GPa < 1e-3, name
         largest_force = max(largest_force, float(np.abs(f_ref).max()))
     assert largest_force > 0.3  # a real force comparison, not 0 == 0
+
+
+def test_single_fidelity_sevennet_0_import_equals_sevenn(structures):
+    """The importer is not MF-0 specific: SevenNet-0 (one fidelity, config without conv_denominator)."""
+    from pipeline.model import import_sevenn
+
+    model = import_sevenn("7net-0", dtype=torch.float64, fidelity_name="pbe").eval()
+    assert model.fidelities == ("pbe",)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calc = sevenn_calculator.SevenNetCalculator("7net-0", device="cpu")
+    atoms = structures[-1].copy()
+    atoms.calc = calc
+    out = {k: v.detach() for k, v in model.predict(atoms_to_graph(atoms, 5.0, dtype=torch.float64), "pbe").items()}
+    n = len(atoms)
+    assert float(out["energy"][0]) / n == pytest.approx(atoms.get_potential_energy() / n, abs=1e-4)
+    assert np.abs(out["forces"].numpy() - atoms.get_forces()).max() < 1e-3
+    assert np.abs(out["stress"][0].numpy() - atoms.get_stress(voigt=False)).max() / GPa < 1e-3

@@ -244,10 +244,10 @@ class Convolution(nn.Module):
     edge_chunk: int = 1024
 
     def _messages(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
-                  neighbor: torch.Tensor) -> torch.Tensor:
+                  neighbor: torch.Tensor, num_nodes: int) -> torch.Tensor:
         weight = self.radial_mlp(edge_radial)
         message = self.tp.grouped(x[neighbor], edge_sh, weight)
-        out = torch.zeros(x.shape[0], message.shape[1], dtype=message.dtype, device=message.device)
+        out = torch.zeros(num_nodes, message.shape[1], dtype=message.dtype, device=message.device)
         return out.index_add_(0, center, message)
 
     def forward(
@@ -256,15 +256,23 @@ class Convolution(nn.Module):
     ) -> torch.Tensor:
         n_edges, step = center.shape[0], max(1, int(self.edge_chunk))
         if self.training or n_edges <= step:
-            out = self._messages(x, edge_sh, edge_radial, center, neighbor)
+            out = self._messages(x, edge_sh, edge_radial, center, neighbor, x.shape[0])
         else:
-            out = None
+            # each chunk sums onto the rows of its own centers only (a few rows when edges are sorted by
+            # center, as pipeline.graphs builds them), so per-chunk results stay small
+            parts, rows = [], []
             for start in range(0, n_edges, step):
                 sl = slice(start, start + step)
-                part = torch.utils.checkpoint.checkpoint(
-                    self._messages, x, edge_sh[sl], edge_radial[sl], center[sl], neighbor[sl], use_reentrant=False
-                )
-                out = part if out is None else out + part
+                c = center[sl]
+                lo, hi = int(c.min()), int(c.max()) + 1
+                parts.append(torch.utils.checkpoint.checkpoint(
+                    self._messages, x, edge_sh[sl], edge_radial[sl], c - lo, neighbor[sl], hi - lo,
+                    use_reentrant=False,
+                ))
+                rows.append(torch.arange(lo, hi, device=center.device))
+            stacked = torch.cat(parts)
+            out = torch.zeros(x.shape[0], stacked.shape[1], dtype=stacked.dtype, device=stacked.device)
+            out = out.index_add(0, torch.cat(rows), stacked)
         # reorder columns on nodes (cheaper than on edges), then normalise
         return out.index_select(1, self.tp.to_mid) / self.avg_num_neighbors
 

@@ -61,11 +61,14 @@ def _require(cfg: dict[str, Any], key: str, allowed: Any) -> None:
         raise ValueError(f"unsupported SevenNet setting {key}={value!r} (supported: {allowed!r})")
 
 
-def config_from_sevenn(cfg: dict[str, Any], fidelity_name: str = "pbe") -> ModelConfig:
+def config_from_sevenn(
+    cfg: dict[str, Any], fidelity_name: str = "pbe", state: dict[str, torch.Tensor] | None = None
+) -> ModelConfig:
     """Translate a SevenNet config dict into a :class:`ModelConfig`.
 
     Modality names become fidelity names in lower case ('PBE' -> 'pbe', 'R2SCAN' -> 'r2scan'); a model without
-    modalities gets the single fidelity ``fidelity_name``."""
+    modalities gets the single fidelity ``fidelity_name``. Old configs without ``conv_denominator`` take it from
+    the weights (``state``)."""
     _require(cfg, "interaction_type", ("nequip", None))
     _require(cfg, "use_bias_in_linear", False)
     _require(cfg, "readout_as_fcn", False)
@@ -97,7 +100,11 @@ def config_from_sevenn(cfg: dict[str, Any], fidelity_name: str = "pbe") -> Model
         if manual[0] != f"{channels}x0e" or manual[-1] != f"{channels}x0e" or len(middle) > 1:
             raise ValueError(f"unsupported irreps_manual {manual}")
         hidden = middle.pop() if middle else None
-    denominators = cfg["conv_denominator"]
+    denominators = cfg.get("conv_denominator")
+    if denominators is None and state is not None:
+        denominators = [float(state[f"{t}_convolution.denominator"].reshape(-1)[0]) for t in range(num_layers)]
+    if denominators is None:
+        raise ValueError("the SevenNet config has no conv_denominator (pass the weights as `state`)")
     denominators = [float(d) for d in (denominators if isinstance(denominators, list) else [denominators])]
     if len(set(denominators)) != 1:
         raise ValueError(f"per-layer conv_denominator differs: {denominators}")
@@ -209,7 +216,7 @@ def import_sevenn(
     path = sevenn_checkpoint_path(str(checkpoint)) if str(checkpoint) in _PRETRAINED else Path(checkpoint)
     raw = load_sevenn_checkpoint(path)
     cfg, state = raw["config"], raw["model_state_dict"]
-    config = config_from_sevenn(cfg, fidelity_name=fidelity_name)
+    config = config_from_sevenn(cfg, fidelity_name=fidelity_name, state=state)
     model = MFPotential(config)
     ours = dict(model.named_parameters())
     mapping = _weight_map(config)
