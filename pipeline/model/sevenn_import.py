@@ -244,5 +244,5 @@ def import_sevenn(
                 raise ValueError(f"layer {t} denominator {den} differs from config {config.avg_num_neighbors}")
         refs, scale = _shift_scale(state, config)
         model.set_references(refs)
-        model.scale.copy_(torch.as_tensor(np.ascontiguousarray(scale), dtype=model.scale.dtype))
+        model.scale.copy_(torch.tensor(np.array(scale, dtype=float), dtype=model.scale.dtype))
     return model.to(dtype)
