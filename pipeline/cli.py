@@ -58,8 +58,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_ingest_mp(args: argparse.Namespace) -> int:
     from pipeline.sources.mp import ingest_mp
+    from pipeline.sources.mp_client import MPAuthError
 
-    report = ingest_mp(args.chemsys, args.out)
+    try:
+        report = ingest_mp(args.chemsys, args.out)
+    except MPAuthError as exc:  # missing / rejected key: the message says what to do (and never shows the key)
+        print(f"mfhull ingest-mp: error: {exc}", file=sys.stderr)
+        return 2
     _print(report.__dict__ if hasattr(report, "__dict__") else report)
     return 0
 

@@ -36,3 +36,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     code = main(["hull", "--entries", str(tmp_path / "missing"), "--thermo-type", "R2SCAN", "--out",
                  str(tmp_path / "h.parquet")])
     assert code == 2 and "error" in capsys.readouterr().err
+
+
+def test_ingest_mp_without_key_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    assert main(["ingest-mp", "Li-O", "--out", str(tmp_path)]) == 2
+    assert "MP_API_KEY" in capsys.readouterr().err
