@@ -82,7 +82,6 @@ def test_from_checkpoint(model, tmp_path):
     assert atoms.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-10)
 
 
-@pytest.mark.slow
 def test_mf0_relaxes_silicon_to_its_lattice_constant():
     """Imported SevenNet-MF-0 (r2SCAN head) relaxes a strained, rattled Si cell to a ~ 5.44 A."""
     pytest.importorskip("sevenn")
