@@ -5,6 +5,7 @@
     mfhull train --frames DIR --out DIR      multi-fidelity potential
     mfhull screen ...                        relax candidates, E_hull vs DFT and all-model hulls, report
     mfhull hull --entries DIR ...            reference hull table of one thermo type
+    mfhull import-sevenn --out FILE          pretrained SevenNet-MF-0 (PBE + r2SCAN) as an mfhull checkpoint
     mfhull demo                              the offline demo (Prefect flow on the embedded API)
 """
 
@@ -118,6 +119,15 @@ def cmd_hull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_sevenn(args: argparse.Namespace) -> int:
+    from pipeline.model import import_sevenn, save_checkpoint
+
+    model = import_sevenn(args.checkpoint)
+    path = save_checkpoint(model, args.out, extra={"imported_from": str(args.checkpoint)})
+    _print({"out": path, "fidelities": list(model.fidelities), "elements": len(model.elements)})
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow
 
@@ -180,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_hull)
+
+    p = sub.add_parser("import-sevenn", help="convert a SevenNet checkpoint (default: the pretrained 7net-mf-0 "
+                       "shipped with the sevenn extra) into an mfhull checkpoint")
+    p.add_argument("--checkpoint", default="7net-mf-0", help="a sevenn checkpoint path or shipped name")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_sevenn)
 
     p = sub.add_parser("demo", help="offline demo on data/demo: train, screen, report (Prefect, embedded API)")
     p.add_argument("--out", default=PROJECT_ROOT / "reports" / "demo", type=Path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main
 from pipeline.io import read_table
@@ -42,3 +43,12 @@ def test_ingest_mp_without_key_says_what_to_do(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MP_API_KEY", raising=False)
     assert main(["ingest-mp", "Li-O", "--out", str(tmp_path)]) == 2
     assert "MP_API_KEY" in capsys.readouterr().err
+
+
+def test_import_sevenn_gives_a_pretrained_checkpoint(tmp_path, capsys):
+    pytest.importorskip("sevenn")
+    from pipeline.model import load_checkpoint
+
+    assert main(["import-sevenn", "--out", str(tmp_path / "mf0.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)["fidelities"] == ["r2scan", "pbe"]
+    assert load_checkpoint(tmp_path / "mf0.pt").fidelities == ("r2scan", "pbe")
