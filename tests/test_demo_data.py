@@ -91,7 +91,8 @@ def test_held_out_test_set_is_r2scan_only_and_disjoint(frames, test_frames):
     assert not {r["frame_id"] for r in test_frames} & {r["frame_id"] for r in frames}
 
     def fingerprint(r: dict) -> tuple:
-        return (tuple(r["numbers"]), tuple(np.round(np.asarray(r["positions"]).ravel(), 4)))
+        return (tuple(r["numbers"]), tuple(np.round(np.asarray(r["positions"]).ravel(), 4)),
+                tuple(np.round(np.asarray(r["cell"]).ravel(), 4)))
 
     assert not {fingerprint(r) for r in test_frames} & {fingerprint(r) for r in frames}
 
