@@ -508,7 +508,16 @@ def readme_tables(manifest: dict[str, Any]) -> str:
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items()))
             lines.append(f"| `{part}/` | {fid} | {s['frames']} | {kinds} |")
     c = manifest["counts"]
+    variants = {f: sum(n for k, n in s["by_kind"].items() if k in ("decorated", "rattled", "strained"))
+                for f, s in manifest["frames"].items()}
+    compute = sum(s["seconds_total"] for part in ("frames", "test_frames") for s in manifest[part].values())
+    relax = sum(v.get("relax_seconds") or 0.0 for v in manifest["entries"].values())
     lines += ["", f"Entries: {c['entries']}, candidates: {c['candidates']}, rejected calculations: {c['rejects']}.",
+              (f"Training variants: {variants.get(PBE, 0)} with PBE, {variants.get(R2SCAN, 0)} of them also with "
+              f"r2SCAN ({100 * variants.get(R2SCAN, 0) / max(variants.get(PBE, 0), 1):.0f} %)."),
+              (f"Compute, one core shared with other jobs (so upper bounds): {compute / 60:.0f} min for the frames "
+               f"(single points + ionic steps of the reference relaxations); all relaxations of references and "
+               f"candidates: {relax / 60:.0f} min."),
               "", "## Time per single-point calculation (one core, seconds; from `meta.seconds`)", "",
               "| fidelity | atoms | n | mean | max |", "|---|---|---|---|---|"]
     for part in ("frames", "test_frames"):
