@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install test test-all demo lint bench clean
+.PHONY: install test test-all demo demo-data lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mfhull demo
+
+# Regenerate data/demo with GPAW (optional `dft` extra; Debian packages + GPAW build, see scripts/install_dft.sh).
+# Resumable: stopping and re-running continues where it stopped.
+demo-data: $(STAMP)
+	bash scripts/install_dft.sh
+	OMP_NUM_THREADS=1 $(PY) -m pipeline.sources.demo_set
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests benchmarks
