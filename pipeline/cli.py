@@ -130,8 +130,10 @@ def cmd_import_sevenn(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow
+    from pipeline.config import Settings
 
-    summary = demo_flow(out_dir=str(args.out), epochs=args.epochs)
+    out = args.out or Settings().reports_dir / "demo"
+    summary = demo_flow(out_dir=str(out), epochs=args.epochs)
     _print(summary)
     return 0
 
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_sevenn)
 
     p = sub.add_parser("demo", help="offline demo on data/demo: train, screen, report (Prefect, embedded API)")
-    p.add_argument("--out", default=PROJECT_ROOT / "reports" / "demo", type=Path)
+    p.add_argument("--out", default=None, type=Path, help="default: $MFHULL_REPORTS/demo (reports/demo)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
     p.set_defaults(func=cmd_demo)
     return parser

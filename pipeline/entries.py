@@ -123,10 +123,10 @@ def row_to_entry(row: Mapping[str, Any]) -> ComputedEntry:
     adjustments = dec.process_decoded(json.loads(row["energy_adjustments"])) if row.get("energy_adjustments") else []
     parameters = dec.process_decoded(json.loads(row["parameters"])) if row.get("parameters") else {}
     data = dec.process_decoded(json.loads(row["data"])) if row.get("data") else {}
-    common = dict(
-        energy=row["uncorrected_energy"], energy_adjustments=adjustments or None,
-        parameters=parameters, data=data, entry_id=row["entry_id"],
-    )
+    common = {
+        "energy": row["uncorrected_energy"], "energy_adjustments": adjustments or None,
+        "parameters": parameters, "data": data, "entry_id": row["entry_id"],
+    }
     if not adjustments and row.get("correction"):
         common["correction"] = row["correction"]
     if row.get("structure"):

@@ -77,7 +77,7 @@ def screen(
     chemsys: str | None = None,
     truth: pa.Table | None = None,
     candidate_rejects: Iterable[Mapping[str, str]] = (),
-    relax: RelaxSettings = RelaxSettings(),
+    relax: RelaxSettings | None = None,
     reference_window: float = 0.1,
     device: str = "cpu",
 ) -> dict[str, Path]:
@@ -89,6 +89,7 @@ def screen(
     ``candidate_rejects``: candidates that could not be read (record_id, error), kept as failed rows.
     """
     out_dir = Path(out_dir)
+    relax = relax or RelaxSettings()
     cand_rows = candidates.to_pylist()
     systems = {r["chemsys"] for r in cand_rows}
     if chemsys is None:

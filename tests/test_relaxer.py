@@ -6,17 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from pymatgen.core import Structure
 from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
+from pymatgen.core import Structure
 
 from pipeline.io import read_table
 from pipeline.relax.relaxer import RelaxSettings, relax_many, relax_structure
 
 
 class Exploding(Calculator):
-    implemented_properties = ["energy", "forces", "stress"]
+    implemented_properties = ("energy", "forces", "stress")
 
     def calculate(self, atoms=None, properties=None, system_changes=all_changes):
         raise RuntimeError("SCF did not converge")

@@ -76,7 +76,7 @@ def test_screen_writes_report_with_both_hulls(world, tmp_path):
 
 
 def test_unknown_fidelity_is_an_error(world, tmp_path):
-    references, candidates, truth, ckpt = world
+    references, candidates, _, ckpt = world
     with pytest.raises(Exception, match="emt"):
         screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", model_fidelity="pbe",
                out_dir=tmp_path)

@@ -39,7 +39,7 @@ def frames():
 
 
 def _cfg(**kw):
-    base = dict(epochs=4, batch_size=8, lr=5e-3, val_fraction=0.0, seed=3)
+    base = {"epochs": 4, "batch_size": 8, "lr": 5e-3, "val_fraction": 0.0, "seed": 3}
     base.update(kw)
     return TrainConfig(**base)
 

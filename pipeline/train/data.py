@@ -118,7 +118,7 @@ def split_by_group(groups: Sequence[str], val_fraction: float, seed: int) -> tup
     unique = sorted(set(groups))
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(unique))
-    n_val = int(round(val_fraction * len(unique)))
+    n_val = round(val_fraction * len(unique))
     if val_fraction > 0 and n_val == 0 and len(unique) > 1:
         n_val = 1
     val_groups = {unique[k] for k in order[:n_val]}
