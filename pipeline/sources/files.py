@@ -184,23 +184,36 @@ def detect_kind(path: str | Path) -> str:
     raise RecordError(f"cannot tell the kind of {path.name}; pass kind= one of {sorted(IMPORTERS)}")
 
 
+def _loose_files(path: Path) -> list[Path] | None:
+    """The files of a folder that is imported file by file (no .res set, no VASP run), else None."""
+    if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return None
+
+
+def _detect_or_reject(path: Path) -> tuple[str | None, ImportResult | None]:
+    """(kind, None), or (None, a result holding the path as a reject) when the kind cannot be told."""
+    try:
+        return detect_kind(path), None
+    except RecordError as exc:
+        result = ImportResult(SOURCE)
+        result.reject(path.name, exc)
+        return None, result
+
+
 def import_path(path: str | Path, kind: str = "auto", **options: Any) -> ImportResult:
     """Import one file or folder; ``options`` go to the importer (e.g. ``fidelity``, ``limit``)."""
     path = Path(path)
     if kind != "auto":
         return importer(kind)(path, **options)
-    if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
+    children = _loose_files(path)
+    if children is not None:
         result = ImportResult(SOURCE)
-        for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+        for child in children:
             result.extend(import_path(child, **options))
         return result
-    try:
-        detected = detect_kind(path)
-    except RecordError as exc:
-        result = ImportResult(SOURCE)
-        result.reject(path.name, exc)
-        return result
-    return importer(detected)(path, **options)
+    detected, rejected = _detect_or_reject(path)
+    return rejected if detected is None else importer(detected)(path, **options)
 
 
 def split_rows(result: ImportResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -267,17 +280,16 @@ def import_to_dataset(
     and ASE databases in batches of ``batch_size`` so that memory stays bounded; returns summed counts."""
     path = Path(path)
     if kind == "auto":
-        if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
+        children = _loose_files(path)
+        if children is not None:
             totals = dict.fromkeys(COUNT_KEYS, 0)
-            for child in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+            for child in children:
                 _add(totals, import_to_dataset(child, out_dir, batch_size=batch_size, **options))
             return totals
-        try:
-            kind = detect_kind(path)
-        except RecordError as exc:
-            result = ImportResult(SOURCE)
-            result.reject(path.name, exc)
-            return write_import(result, out_dir)
+        detected, rejected = _detect_or_reject(path)
+        if detected is None:
+            return write_import(rejected, out_dir)
+        kind = detected
     if kind not in STREAMING:
         return write_import(import_path(path, kind=kind, **options), out_dir)
     module, name = STREAMING[kind]
