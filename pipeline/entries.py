@@ -101,7 +101,7 @@ def entry_to_row(
         "fidelity": fidelity.lower(),
         "run_type": run_type,
         "formula": comp.reduced_formula,
-        "chemsys": "-".join(sorted(el.symbol for el in comp.elements)),
+        "chemsys": comp.chemical_system,
         "composition": json.dumps({el.symbol: amt for el, amt in comp.items()}, sort_keys=True),
         "nsites": int(len(structure) if structure is not None else round(comp.num_atoms)),
         "structure": None if structure is None else json.dumps(structure.as_dict()),

@@ -29,7 +29,7 @@ def chemsys_elements(chemsys: str | Iterable[str]) -> list[str]:
 
 def chemsys_of(entry: ComputedEntry) -> str:
     """Sorted element symbols of an entry joined by '-'."""
-    return "-".join(sorted(el.symbol for el in entry.composition.elements))
+    return entry.composition.chemical_system
 
 
 def decomposition_json(decomp: dict) -> str:

@@ -70,7 +70,7 @@ def relax_structure(
     comp = initial.composition
     row: dict[str, Any] = {
         "candidate_id": str(candidate_id), "model_id": model_id, "fidelity": fidelity, "role": role,
-        "formula": comp.reduced_formula, "chemsys": "-".join(sorted(el.symbol for el in comp.elements)),
+        "formula": comp.reduced_formula, "chemsys": comp.chemical_system,
         "nsites": len(initial), "structure_initial": json.dumps(initial.as_dict()), "structure": None,
         "energy": None, "energy_per_atom": None, "fmax": None, "smax": None, "n_steps": None,
         "status": "failed", "error": None, "wall_s": None,
