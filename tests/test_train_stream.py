@@ -101,6 +101,22 @@ def test_mid_epoch_resume_gives_the_remaining_batches(frames_dir, tmp_path):
     assert seen + rest == expected
 
 
+def test_resume_at_another_world_size_continues_the_global_plan(frames_dir):
+    budget = BatchBudget(max_structures=4)
+    global_batches = [b.tolist() for b in make(frames_dir, budget=budget).global_plan(0)[0]]
+    shards = [make(frames_dir, budget=budget, rank=r, world_size=2) for r in range(2)]
+    for shard in shards:  # two steps on each of two ranks
+        it = shard.iter_epoch()
+        next(it), next(it)
+    state = shards[0].state_dict()
+    assert state == shards[1].state_dict() and state["batches_consumed"] == 4
+    single = make(frames_dir, budget=budget, rank=0, world_size=1)
+    single.load_state_dict(state)
+    rest = [item.frame_ids for item in single.iter_epoch()]
+    frame_ids = ParquetDataset(frames_dir, FRAMES_SCHEMA).read(columns=["frame_id"]).column("frame_id").to_pylist()
+    assert rest == [[frame_ids[f] for f in b] for b in global_batches[4:]]
+
+
 def test_resume_rejects_another_configuration(frames_dir):
     state = make(frames_dir).state_dict()
     with pytest.raises(ValueError, match="another data set or stream configuration"):

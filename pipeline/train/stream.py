@@ -1,7 +1,7 @@
 """Streaming training data over a frames Parquet dataset, for data sets that do not fit in memory.
 
 :class:`FrameStream` never reads the whole table. It keeps a small per-frame *index* (part, row group, row,
-fidelity, atom count, estimated edge count: ~25 bytes a frame, read once from the ``numbers``, ``cell``, ``pbc``
+fidelity, atom count, estimated edge count: ~30 bytes a frame, read once from the ``numbers``, ``cell``, ``pbc``
 and ``fidelity`` columns) and, for each epoch, a *batch plan* computed from that index alone:
 
 1. **Sampling**: each frame of fidelity ``f`` appears ``floor(w_f)`` times, and ``round(frac(w_f) * n_f)``
