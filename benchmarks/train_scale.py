@@ -9,16 +9,17 @@ gives the sampler two fidelities to weight, r2scan x3). Sets are written as Parq
 
 Each variant runs in a fresh Python process (peak RSS = that process's ``ru_maxrss``), small preset, float64:
 
-* floor: the stream on the smallest set stopped after the ``--train-steps`` training batches (imports, model,
-  optimizer, index, the training steps' autograd peak; no epoch): the part of the RSS that is not the epoch;
+* floor N: the stream stopped after its ``--train-steps`` training batches (imports, model, optimizer, index,
+  the training steps' autograd peak; no epoch): what the whole epoch adds is stream N - floor N;
 * stream N: :class:`pipeline.train.stream.FrameStream`, one whole epoch (every batch read from Parquet and its
   graph built), of which the first ``--train-steps`` batches also take an Adam step (a step costs seconds on
   this CPU; the data pass is what grows with N);
 * in-memory N (baseline, 10 k only by default): today's path, ``read_table`` + :class:`FrameData` (every graph
   in RAM), then the same ``--train-steps`` steps.
 
-Prints peak RSS per variant, the stream's growth ratio RSS(largest)/RSS(smallest) (target <= 1.2), and the
-same ratio of the part above the floor.
+Prints peak RSS per variant, the stream's growth ratio RSS(largest)/RSS(smallest) (target <= 1.2), the highest
+RSS between batches of the data pass, and what the epoch adds above its floor. The training steps' autograd peak
+depends on which batches come first (the plans differ with N); ``--train-steps 0`` measures the data path alone.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ FIDELITIES = ("pbe", "r2scan")
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (Linux /proc; the benchmark's peak numbers are Linux ru_maxrss too)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def write_frames(out: Path, n_frames: int, seed: int = 0) -> Path:
@@ -111,6 +118,7 @@ def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) 
     model, opt = _model_and_opt(ELEMENTS)
     t0 = time.perf_counter()
     steps = batches = frames = 0
+    pass_rss = 0.0  # highest RSS seen between batches after the training steps (the data pass alone)
     if mode in ("stream", "floor"):
         from pipeline.train.stream import BatchBudget, FrameStream
 
@@ -122,6 +130,8 @@ def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) 
                 steps += 1
             elif mode == "floor":
                 break
+            else:
+                pass_rss = max(pass_rss, current_rss_mib())
             batches += 1
             frames += item.graph.num_graphs
     elif mode == "memory":
@@ -146,8 +156,8 @@ def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) 
         raise SystemExit(f"unknown mode {mode!r}")
     own = peak_rss_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return {"mode": mode, "peak_rss_mib": own, "worker_peak_rss_mib": kids, "seconds": time.perf_counter() - t0,
-            "steps": steps, "batches": batches, "frames": frames}
+    return {"mode": mode, "peak_rss_mib": own, "worker_peak_rss_mib": kids, "pass_rss_mib": pass_rss,
+            "seconds": time.perf_counter() - t0, "steps": steps, "batches": batches, "frames": frames}
 
 
 def run_child(mode: str, path: Path | str, args: argparse.Namespace) -> dict:
@@ -175,36 +185,35 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, args.path, args.train_steps, args.max_atoms, args.workers)))
         return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        rows, floor = [], None
+        rows = []
         for n in sorted(set(args.frames) | set(args.memory_frames)):
             t0 = time.perf_counter()
             path = write_frames(Path(tmp) / f"frames-{n}", n)
             print(f"wrote {n} frames in {time.perf_counter() - t0:.0f} s")
-            if floor is None:
-                floor = run_child("floor", path, args)
-                print(f"floor (imports, model, index of {n} frames, the {floor['steps']} train steps, no epoch): "
-                      f"peak RSS {floor['peak_rss_mib']:.0f} MiB")
-            variants = ["stream"] * (n in args.frames) + ["memory"] * (n in args.memory_frames)
+            variants = ["floor", "stream"] * (n in args.frames) + ["memory"] * (n in args.memory_frames)
             for mode in variants:
                 r = run_child(mode, path, args)
                 rows.append((n, r))
                 print(f"{mode:>6} {n:>7} frames: peak RSS {r['peak_rss_mib']:7.0f} MiB (workers "
-                      f"{r['worker_peak_rss_mib']:.0f}), {r['batches']} batches, {r['frames']} frames, "
-                      f"{r['steps']} train steps, {r['seconds']:.0f} s")
-        streams = [(n, r) for n, r in rows if r["mode"] == "stream"]
-        if len(streams) >= 2:
-            (n0, r0), (n1, r1) = streams[0], streams[-1]
-            above0 = r0["peak_rss_mib"] - floor["peak_rss_mib"]
-            above1 = r1["peak_rss_mib"] - floor["peak_rss_mib"]
-            print(f"stream peak RSS growth {n0} -> {n1} frames: {r1['peak_rss_mib'] / r0['peak_rss_mib']:.3f}x "
-                  f"(target <= 1.2x); above the floor: {above0:.0f} -> {above1:.0f} MiB ({above1 / above0:.2f}x)")
-        for n, r in rows:
-            if r["mode"] == "memory":
-                same = [s for m, s in streams if m == n]
-                if same:
-                    print(f"in-memory FrameData at {n} frames: {r['peak_rss_mib']:.0f} MiB = "
-                          f"{r['peak_rss_mib'] / same[0]['peak_rss_mib']:.2f}x the stream's")
-
+                      f"{r['worker_peak_rss_mib']:.0f}; data pass {r['pass_rss_mib']:.0f}), {r['batches']} batches, "
+                      f"{r['frames']} frames, {r['steps']} train steps, {r['seconds']:.0f} s")
+        by = {(r["mode"], n): r for n, r in rows}
+        sizes = sorted(n for m, n in by if m == "stream")
+        if len(sizes) >= 2:
+            a, b = by["stream", sizes[0]], by["stream", sizes[-1]]
+            print(f"stream peak RSS growth {sizes[0]} -> {sizes[-1]} frames: "
+                  f"{b['peak_rss_mib'] / a['peak_rss_mib']:.3f}x (target <= 1.2x)")
+            if a["pass_rss_mib"]:
+                print(f"highest RSS during the data pass (after the training steps): {a['pass_rss_mib']:.0f} -> "
+                      f"{b['pass_rss_mib']:.0f} MiB ({b['pass_rss_mib'] / a['pass_rss_mib']:.3f}x)")
+            for n in (sizes[0], sizes[-1]):
+                extra = by["stream", n]["peak_rss_mib"] - by["floor", n]["peak_rss_mib"]
+                print(f"  {n} frames: the whole epoch adds {extra:.0f} MiB to the peak of its first "
+                      f"{by['floor', n]['steps']} training batches")
+        for (mode, n), r in sorted(by.items()):
+            if mode == "memory" and ("stream", n) in by:
+                print(f"in-memory FrameData at {n} frames: {r['peak_rss_mib']:.0f} MiB = "
+                      f"{r['peak_rss_mib'] / by['stream', n]['peak_rss_mib']:.2f}x the stream's")
 
 if __name__ == "__main__":
     main()
