@@ -34,7 +34,7 @@ from pipeline.train.stream import BatchBudget, FrameStream
 
 STEPS = 3
 PER_RANK = 2
-N_ATOMS = 4
+N_ATOMS = 8
 
 
 def _free_port() -> int:
@@ -86,7 +86,7 @@ def _rank_main(rank, port, data, elements, out_dir):
 
 @pytest.fixture(scope="module")
 def equal_size_frames(mp_file, tmp_path_factory):
-    rows = [r for r in import_path(mp_file("mattersim/mptrj-random-1k.xyz"), limit=1000).rows
+    rows = [r for r in import_path(mp_file("mattersim/mptrj-random-1k.xyz"), limit=200).rows
             if len(r["numbers"]) == N_ATOMS][: 2 * PER_RANK * STEPS]
     assert len(rows) == 2 * PER_RANK * STEPS
     for i, row in enumerate(rows):
