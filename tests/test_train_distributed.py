@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +138,25 @@ def test_half_set_environment_is_named(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(RuntimeError, match="RANK, .*MASTER_ADDR, MASTER_PORT not set: launch with torchrun"):
         init_from_env(device="cpu")
+
+
+@pytest.mark.slow
+def test_readme_torchrun_example_runs(mp_file, tmp_path):
+    """The README's "Training at scale" example, as written, under torchrun with 2 gloo processes."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    code = text[text.index("## Training at scale"):].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "train_ddp.py").write_text(code)
+    rows = import_path(mp_file("mattersim/mptrj-random-1k.xyz"), limit=60).rows
+    ParquetDataset(tmp_path / "data/mine/frames", FRAMES_SCHEMA, KEYS["frames"]).append(frames_table(rows))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "train_ddp.py"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    assert {int(rank) for rank, _, _ in lines} == {0, 1}
+    losses = {}
+    for rank, position, loss in lines:  # both ranks print the same all-reduced loss for a step
+        losses.setdefault(int(position) // 2, set()).add(round(float(loss), 9))
+    assert all(len(v) == 1 for v in losses.values())
+    assert load_checkpoint(tmp_path / "models/ddp.pt").cutoff == 4.5
