@@ -118,13 +118,16 @@ def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) 
     model, opt = _model_and_opt(ELEMENTS)
     t0 = time.perf_counter()
     steps = batches = frames = 0
+    ratios: list[float] = []  # real / estimated edges per batch
     pass_rss = 0.0  # highest RSS seen between batches after the training steps (the data pass alone)
     if mode in ("stream", "floor"):
         from pipeline.train.stream import BatchBudget, FrameStream
 
         stream = FrameStream(path, cutoff=model.cutoff, fidelities=FIDELITIES, budget=BatchBudget(max_atoms=max_atoms),
                              weights={"r2scan": 3.0}, seed=0, buffer_rows=PART_ROWS)
+        planned = stream.global_plan(0)[0]
         for item in stream.iter_epoch(num_workers=workers):
+            ratios.append(item.graph.num_edges / max(int(stream.index.edges[planned[item.position]].sum()), 1))
             if steps < train_steps:
                 _step(model, opt, item.graph, item.labels)
                 steps += 1
@@ -157,7 +160,8 @@ def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) 
     own = peak_rss_mib()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     return {"mode": mode, "peak_rss_mib": own, "worker_peak_rss_mib": kids, "pass_rss_mib": pass_rss,
-            "seconds": time.perf_counter() - t0, "steps": steps, "batches": batches, "frames": frames}
+            "seconds": time.perf_counter() - t0, "steps": steps, "batches": batches, "frames": frames,
+            "edge_ratio": [min(ratios), float(np.mean(ratios)), max(ratios)] if ratios else None}
 
 
 def run_child(mode: str, path: Path | str, args: argparse.Namespace) -> dict:
@@ -197,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{mode:>6} {n:>7} frames: peak RSS {r['peak_rss_mib']:7.0f} MiB (workers "
                       f"{r['worker_peak_rss_mib']:.0f}; data pass {r['pass_rss_mib']:.0f}), {r['batches']} batches, "
                       f"{r['frames']} frames, {r['steps']} train steps, {r['seconds']:.0f} s")
+                if r["edge_ratio"] and r["batches"] > 1:
+                    print("        real/estimated edges per batch: min {:.3f} mean {:.3f} max {:.3f}".format(
+                        *r["edge_ratio"]))
         by = {(r["mode"], n): r for n, r in rows}
         sizes = sorted(n for m, n in by if m == "stream")
         if len(sizes) >= 2:
