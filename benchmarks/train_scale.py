@@ -1,0 +1,226 @@
+"""Peak memory of one training epoch streamed from Parquet, as the data set grows 10x (prints measured numbers).
+
+    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_scale.py [--frames 10000 100000]
+
+Data: the 2000 real MPtrj frames of ../shared/data/mp/mattersim (mptrj-random-1k + mptrj-highest-stress-1k),
+repeated until each set has ``--frames`` frames; every copy after the first has its positions perturbed by
+N(0, 0.01 A) and a new frame id; every 10th real frame is relabelled 'r2scan' (its labels stay PBE: this only
+gives the sampler two fidelities to weight, r2scan x3). Sets are written as Parquet parts of 5000 rows.
+
+Each variant runs in a fresh Python process (peak RSS = that process's ``ru_maxrss``), small preset, float64:
+
+* floor N: the stream stopped after its ``--train-steps`` training batches (imports, model, optimizer, index,
+  the training steps' autograd peak; no epoch): what the whole epoch adds is stream N - floor N;
+* stream N: :class:`pipeline.train.stream.FrameStream`, one whole epoch (every batch read from Parquet and its
+  graph built), of which the first ``--train-steps`` batches also take an Adam step (a step costs seconds on
+  this CPU; the data pass is what grows with N);
+* in-memory N (baseline, 10 k only by default): today's path, ``read_table`` + :class:`FrameData` (every graph
+  in RAM), then the same ``--train-steps`` steps.
+
+Prints peak RSS per variant, the stream's growth ratio RSS(largest)/RSS(smallest) (target <= 1.2), the highest
+RSS between batches of the data pass, and what the epoch adds above its floor. The training steps' autograd peak
+depends on which batches come first (the plans differ with N); ``--train-steps 0`` measures the data path alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import shared_data_dir
+
+FILES = ("mattersim/mptrj-random-1k.xyz", "mattersim/mptrj-highest-stress-1k.xyz")
+PART_ROWS = 5000
+FIDELITIES = ("pbe", "r2scan")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (Linux /proc; the benchmark's peak numbers are Linux ru_maxrss too)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def write_frames(out: Path, n_frames: int, seed: int = 0) -> Path:
+    """A frames dataset of ``n_frames`` repeated/perturbed real MPtrj frames (see module doc)."""
+    from pipeline.frames import frames_table
+    from pipeline.io import ParquetDataset
+    from pipeline.schema import FRAMES_SCHEMA, KEYS
+    from pipeline.sources.files import import_path
+
+    base = []
+    for rel in FILES:
+        result = import_path(shared_data_dir() / rel)
+        if result.n_rejected:
+            raise SystemExit(f"{rel}: {result.n_rejected} frames rejected: {result.rejects[0]['error']}")
+        base.extend(result.rows)
+    for i, row in enumerate(base):
+        if i % 10 == 0:
+            row["fidelity"] = "r2scan"
+    dataset = ParquetDataset(out, FRAMES_SCHEMA, KEYS["frames"])
+    rng = np.random.default_rng(seed)
+    chunk = []
+    for k in range(n_frames):
+        copy, row = divmod(k, len(base))
+        src = base[row]
+        if copy:
+            pos = np.asarray(src["positions"]) + rng.normal(0.0, 0.01, (len(src["numbers"]), 3))
+            src = {**src, "frame_id": f"{src['frame_id']}#copy{copy}", "positions": pos.tolist()}
+        chunk.append(src)
+        if len(chunk) == PART_ROWS or k == n_frames - 1:
+            dataset.append(frames_table(chunk))
+            chunk = []
+    return out
+
+
+def _model_and_opt(elements: list[int]):
+    import torch
+
+    from pipeline.model import MFPotential, preset
+
+    torch.manual_seed(0)
+    model = MFPotential(preset("small", elements=tuple(elements), fidelities=FIDELITIES)).to(torch.float64)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def _step(model, opt, graph, labels) -> float:
+    import torch
+
+    from pipeline.train.losses import LossWeights, loss_terms, total_loss
+
+    opt.zero_grad()
+    out = model(graph.to(dtype=torch.float64))
+    loss = total_loss(loss_terms(out, labels.to("cpu", torch.float64)), LossWeights())
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+ELEMENTS = list(range(1, 95))
+
+
+def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) -> dict:
+    """One variant in this (fresh) process; returns its numbers."""
+    import torch
+
+    torch.set_num_threads(1)
+    model, opt = _model_and_opt(ELEMENTS)
+    t0 = time.perf_counter()
+    steps = batches = frames = 0
+    ratios: list[float] = []  # real / estimated edges per batch
+    pass_rss = 0.0  # highest RSS seen between batches after the training steps (the data pass alone)
+    if mode in ("stream", "floor"):
+        from pipeline.train.stream import BatchBudget, FrameStream
+
+        stream = FrameStream(path, cutoff=model.cutoff, fidelities=FIDELITIES, budget=BatchBudget(max_atoms=max_atoms),
+                             weights={"r2scan": 3.0}, seed=0, buffer_rows=PART_ROWS)
+        planned = stream.global_plan(0)[0]
+        for item in stream.iter_epoch(num_workers=workers):
+            ratios.append(item.graph.num_edges / max(int(stream.index.edges[planned[item.position]].sum()), 1))
+            if steps < train_steps:
+                _step(model, opt, item.graph, item.labels)
+                steps += 1
+            elif mode == "floor":
+                break
+            else:
+                pass_rss = max(pass_rss, current_rss_mib())
+            batches += 1
+            frames += item.graph.num_graphs
+    elif mode == "memory":
+        from pipeline.io import read_table
+        from pipeline.schema import FRAMES_SCHEMA
+        from pipeline.train.data import FrameData
+
+        data = FrameData(read_table(path, FRAMES_SCHEMA), model.cutoff, FIDELITIES)
+        frames = len(data)
+        order = np.random.default_rng(0).permutation(len(data))
+        start = 0
+        while steps < train_steps:  # batches of about max_atoms atoms, as the stream makes them
+            idx, atoms = [], 0
+            while start < len(order) and (not idx or atoms + data.graphs[order[start]].num_atoms <= max_atoms):
+                idx.append(int(order[start]))
+                atoms += data.graphs[order[start]].num_atoms
+                start += 1
+            _step(model, opt, *data.batch(idx))
+            steps += 1
+            batches += 1
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    own = peak_rss_mib()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    return {"mode": mode, "peak_rss_mib": own, "worker_peak_rss_mib": kids, "pass_rss_mib": pass_rss,
+            "seconds": time.perf_counter() - t0, "steps": steps, "batches": batches, "frames": frames,
+            "edge_ratio": [min(ratios), float(np.mean(ratios)), max(ratios)] if ratios else None}
+
+
+def run_child(mode: str, path: Path | str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--path", str(path), "--train-steps", str(args.train_steps),
+           "--max-atoms", str(args.max_atoms), "--workers", str(args.workers)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} {path}: child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--memory-frames", type=int, nargs="*", default=[10_000],
+                        help="sizes at which to also measure the in-memory FrameData baseline")
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--max-atoms", type=int, default=400, help="atom budget of a batch")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the stream")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the data sets (default: a temp dir)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.path, args.train_steps, args.max_atoms, args.workers)))
+        return
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        rows = []
+        for n in sorted(set(args.frames) | set(args.memory_frames)):
+            t0 = time.perf_counter()
+            path = write_frames(Path(tmp) / f"frames-{n}", n)
+            print(f"wrote {n} frames in {time.perf_counter() - t0:.0f} s")
+            variants = ["floor", "stream"] * (n in args.frames) + ["memory"] * (n in args.memory_frames)
+            for mode in variants:
+                r = run_child(mode, path, args)
+                rows.append((n, r))
+                print(f"{mode:>6} {n:>7} frames: peak RSS {r['peak_rss_mib']:7.0f} MiB (workers "
+                      f"{r['worker_peak_rss_mib']:.0f}; data pass {r['pass_rss_mib']:.0f}), {r['batches']} batches, "
+                      f"{r['frames']} frames, {r['steps']} train steps, {r['seconds']:.0f} s")
+                if r["edge_ratio"] and r["batches"] > 1:
+                    print("        real/estimated edges per batch: min {:.3f} mean {:.3f} max {:.3f}".format(
+                        *r["edge_ratio"]))
+        by = {(r["mode"], n): r for n, r in rows}
+        sizes = sorted(n for m, n in by if m == "stream")
+        if len(sizes) >= 2:
+            a, b = by["stream", sizes[0]], by["stream", sizes[-1]]
+            print(f"stream peak RSS growth {sizes[0]} -> {sizes[-1]} frames: "
+                  f"{b['peak_rss_mib'] / a['peak_rss_mib']:.3f}x (target <= 1.2x)")
+            if a["pass_rss_mib"]:
+                print(f"highest RSS during the data pass (after the training steps): {a['pass_rss_mib']:.0f} -> "
+                      f"{b['pass_rss_mib']:.0f} MiB ({b['pass_rss_mib'] / a['pass_rss_mib']:.3f}x)")
+            for n in (sizes[0], sizes[-1]):
+                extra = by["stream", n]["peak_rss_mib"] - by["floor", n]["peak_rss_mib"]
+                print(f"  {n} frames: the whole epoch adds {extra:.0f} MiB to the peak of its first "
+                      f"{by['floor', n]['steps']} training batches")
+        for (mode, n), r in sorted(by.items()):
+            if mode == "memory" and ("stream", n) in by:
+                print(f"in-memory FrameData at {n} frames: {r['peak_rss_mib']:.0f} MiB = "
+                      f"{r['peak_rss_mib'] / by['stream', n]['peak_rss_mib']:.2f}x the stream's")
+
+if __name__ == "__main__":
+    main()
