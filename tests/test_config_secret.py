@@ -15,7 +15,8 @@ KEY = "abcdEFGH1234abcdEFGH1234abcdEFGH"
 
 
 def _shown(s: Secret) -> list[str]:
-    return [str(s), repr(s), f"{s}", f"{s!r}", "%s" % s, "{}".format(s), json.dumps({"k": s}, default=str),
+    return [str(s), repr(s), f"{s}", f"{s!r}", "%s" % s, "{}".format(s),  # noqa: UP031, UP032 - the old ways on purpose
+            json.dumps({"k": s}, default=str),
             str([s]), str({"k": s})]
 
 
@@ -30,7 +31,7 @@ def test_no_text_form_shows_the_key():
     lambda s: json.dumps({"key": s}),
     lambda s: "Bearer " + s,
     lambda s: s + "suffix",
-    lambda s: "".join(["a", s]),
+    lambda s: "".join(["a", s]),  # noqa: FLY002
     lambda s: pickle.dumps(s),
     lambda s: s.encode(),
     lambda s: s[0:4],

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy._core.multiarray import _reconstruct as _np_reconstruct
 from ase.data import chemical_symbols
 from e3nn import o3
+from numpy._core.multiarray import _reconstruct as _np_reconstruct
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
@@ -76,7 +76,7 @@ def load_sevenn_checkpoint(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"SevenNet checkpoint {path}: not a readable torch checkpoint (corrupt pickle)") from exc
         raise ValueError(f"SevenNet checkpoint {path}: refused, it names the global {found.group(1)}, which is not "
                          "on the allow-list of safe globals (loading it could run code)") from exc
-    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError/EOFError/... for broken files
+    except Exception as exc:
         raise ValueError(f"SevenNet checkpoint {path}: not a readable torch checkpoint "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(raw, dict) or "config" not in raw or "model_state_dict" not in raw:

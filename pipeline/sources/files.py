@@ -29,17 +29,25 @@ kind                importer                                               detec
 ``vasp-bundle``     :func:`import_vasp_bundle` (idem)                      emmet JSON ``{file: {"0": hex}}``
 ==================  =====================================================  =======================================
 
-JSON files may be gzip-compressed. A folder without ``.res`` or ``vasprun.xml`` files is imported file by file. A file whose kind
-cannot be told, or that is missing, becomes one reject (the batch carries on).
+JSON files may be gzip-compressed. A folder is imported file by file, subfolders and dotfiles included (a
+folder holding ``vasprun.xml`` is one VASP run). A file whose kind cannot be told, an empty file, or a missing
+path becomes one reject (the batch carries on); reject ids carry the path as given, so ``a/x.xyz`` and
+``b/x.xyz`` never collide. A record whose key is already stored with different content is a reject too
+(``duplicate key ... with different content``); identical ones are skipped (a re-run). Options an importer does
+not take are dropped (``limit`` is then applied to its records) and listed in the counts (``options_ignored``).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import tarfile
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline.entries import entries_table
 from pipeline.frames import RecordError, frames_table
@@ -153,15 +161,13 @@ def detect_kind(path: str | Path) -> str:
     """Kind of a file or folder (see the module doc); :class:`RecordError` when it cannot be told."""
     path = Path(path)
     if path.is_dir():
-        if any(path.rglob("*.res")):
-            return "res"
         if _vasprun_in(path) is not None:
             return "vasprun"
-        raise RecordError(
-            f"{path} is a folder without .res or vasprun.xml files (import its files one by one)"
-        )
+        raise RecordError(f"{path} is a folder without a vasprun.xml (import its files one by one)")
     if not path.is_file():
         raise RecordError(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise RecordError("empty file")
     name = path.name.lower()
     if name.endswith((".xyz", ".extxyz", ".xyz.gz", ".extxyz.gz")):
         return "extxyz"
@@ -185,9 +191,10 @@ def detect_kind(path: str | Path) -> str:
 
 
 def _loose_files(path: Path) -> list[Path] | None:
-    """The files of a folder that is imported file by file (no .res set, no VASP run), else None."""
-    if path.is_dir() and not any(path.rglob("*.res")) and _vasprun_in(path) is None:
-        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Every file under a folder that is imported file by file (not a VASP run), else None. Subfolders and
+    dotfiles are included: nothing is skipped without a trace (an unknown file becomes a reject)."""
+    if path.is_dir() and _vasprun_in(path) is None:
+        return sorted(p for p in path.rglob("*") if p.is_file())
     return None
 
 
@@ -205,15 +212,28 @@ def import_path(path: str | Path, kind: str = "auto", **options: Any) -> ImportR
     """Import one file or folder; ``options`` go to the importer (e.g. ``fidelity``, ``limit``)."""
     path = Path(path)
     if kind != "auto":
-        return importer(kind)(path, **options)
+        return _run_importer(kind, path, options)[0]
     children = _loose_files(path)
     if children is not None:
         result = ImportResult(SOURCE)
         for child in children:
-            result.extend(import_path(child, **options))
+            result.extend(_qualify(import_path(child, **options), child))
         return result
     detected, rejected = _detect_or_reject(path)
-    return rejected if detected is None else importer(detected)(path, **options)
+    return rejected if detected is None else _run_importer(detected, path, options)[0]
+
+
+def _run_importer(kind: str, path: Path, options: Mapping[str, Any]) -> tuple[ImportResult, list[str]]:
+    """(result, names of options the importer does not take); ``limit`` is then applied to its rows."""
+    fn = importer(kind)
+    params = inspect.signature(fn).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ignored = sorted(k for k in options if not takes_all and k not in params)
+    result = fn(path, **{k: v for k, v in options.items() if k not in ignored})
+    if "limit" in ignored and options["limit"] is not None:
+        result.rows = result.rows[: int(options["limit"])]
+        ignored.remove("limit")
+    return result, ignored
 
 
 def split_rows(result: ImportResult) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -230,40 +250,87 @@ def split_rows(result: ImportResult) -> tuple[list[dict[str, Any]], list[dict[st
 
 
 COUNT_KEYS = (
+    "files",
     "frames_read",
     "entries_read",
     "rejects_read",
     "frames_written",
     "entries_written",
     "rejects_written",
+    "already_stored",
+    "conflicts",
 )
 
 
-def _add(totals: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+def _zero() -> dict[str, Any]:
+    return {**dict.fromkeys(COUNT_KEYS, 0), "rejected_by_reason": Counter(), "options_ignored": set()}
+
+
+def _add(totals: dict[str, Any], counts: Mapping[str, Any]) -> dict[str, Any]:
     for key in COUNT_KEYS:
-        totals[key] += counts[key]
+        totals[key] += counts.get(key, 0)
+    totals["rejected_by_reason"].update(counts.get("rejected_by_reason", {}))
+    totals["options_ignored"].update(counts.get("options_ignored", ()))
     return totals
 
 
-def write_import(result: ImportResult, out_dir: str | Path) -> dict[str, int]:
-    """Append a result's frames, entries and rejects under ``out_dir``; counts read and newly written."""
+def _plain(counts: dict[str, Any]) -> dict[str, Any]:
+    """Counts as JSON-able values (for the CLI and Prefect results)."""
+    return {**counts, "rejected_by_reason": dict(counts["rejected_by_reason"]),
+            "options_ignored": sorted(counts["options_ignored"])}
+
+
+def reject_reason(error: str) -> str:
+    """A short category of a reject message ('RecordError: unreadable extxyz file: ...' -> 'unreadable extxyz
+    file'), for the per-run summary."""
+    text = error.split(": ", 1)[1] if ": " in error and error.split(": ", 1)[0].isidentifier() else error
+    head = text.split(": ")[0].split(" (")[0].strip()
+    return head[:60] or "unknown"
+
+
+def _qualify(result: ImportResult, path: Path) -> ImportResult:
+    """Reject ids carrying the path as given ('b/x.xyz:3', not 'x.xyz:3'), so files of one name never collide."""
+    name, full = path.name, str(path)
+    for rej in result.rejects:
+        rid = rej["record_id"]
+        if rid == full or rid.startswith(full + ":"):
+            continue
+        rej["record_id"] = full + rid[len(name):] if rid.startswith(name) else f"{full}:{rid}"
+    return result
+
+
+def _append(dataset: ParquetDataset, table: pa.Table, what: str, result: ImportResult,
+            counts: dict[str, Any]) -> None:
+    written, conflicts = dataset.append_checked(table)
+    counts[f"{what}_written"] = written
+    counts["conflicts"] += len(conflicts)
+    for key in conflicts:
+        result.reject(key, RecordError(f"duplicate key {key} with different content (the first stored is kept)"))
+
+
+def write_import(result: ImportResult, out_dir: str | Path) -> dict[str, Any]:
+    """Append a result's frames, entries and rejects under ``out_dir``; counts read and newly written.
+
+    A row whose key is stored (or earlier in the result) with different content becomes a reject."""
     out = Path(out_dir)
     frames, entries = split_rows(result)
-    counts = dict.fromkeys(COUNT_KEYS, 0)
-    counts.update(frames_read=len(frames), entries_read=len(entries), rejects_read=result.n_rejected)
+    counts = _zero()
+    counts.update(frames_read=len(frames), entries_read=len(entries))
     if frames:
-        counts["frames_written"] = ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]).append(
-            frames_table(frames)
-        )
+        _append(ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]), frames_table(frames), "frames",
+                result, counts)
     if entries:
-        counts["entries_written"] = ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]).append(
-            entries_table(entries)
-        )
+        _append(ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]), entries_table(entries),
+                "entries", result, counts)
+    counts["rejects_read"] = result.n_rejected
+    counts["already_stored"] = (counts["frames_read"] + counts["entries_read"] - counts["frames_written"]
+                                - counts["entries_written"] - counts["conflicts"])
+    counts["rejected_by_reason"].update(reject_reason(r["error"]) for r in result.rejects)
     if result.rejects:
         counts["rejects_written"] = ParquetDataset(out / "rejects", REJECTS_SCHEMA, KEYS["rejects"]).append(
             result.rejects_table()
         )
-    return counts
+    return _plain(counts)
 
 
 #: kinds that can be streamed in batches: kind -> (module, generator of ImportResults)
@@ -273,28 +340,82 @@ STREAMING: dict[str, tuple[str, str]] = {
 }
 
 
+def _plan(path: Path, kind: str) -> Iterator[tuple[Path, str | None, ImportResult | None]]:
+    """(file, kind, None) for each file to import under ``path``, or (file, None, reject) when its kind cannot
+    be told."""
+    if kind != "auto":
+        yield path, kind, None
+        return
+    children = _loose_files(path)
+    for child in children if children is not None else [path]:
+        detected, rejected = _detect_or_reject(child)
+        yield child, detected, rejected
+
+
 def import_to_dataset(
     path: str | Path, out_dir: str | Path, kind: str = "auto", batch_size: int = 10_000, **options: Any
-) -> dict[str, int]:
-    """Import ``path`` and append it under ``out_dir`` (as :func:`write_import`), streaming large extxyz files
-    and ASE databases in batches of ``batch_size`` so that memory stays bounded; returns summed counts."""
+) -> dict[str, Any]:
+    """Import ``path`` (a file or a folder, read recursively) and append it under ``out_dir`` (as
+    :func:`write_import`), streaming large extxyz files and ASE databases in batches of ``batch_size`` so that
+    memory stays bounded; small files are gathered into parts of up to ``batch_size`` rows. Returns summed
+    counts (``files``, read / written / already stored per table, ``rejected_by_reason``...)."""
     path = Path(path)
-    if kind == "auto":
-        children = _loose_files(path)
-        if children is not None:
-            totals = dict.fromkeys(COUNT_KEYS, 0)
-            for child in children:
-                _add(totals, import_to_dataset(child, out_dir, batch_size=batch_size, **options))
-            return totals
-        detected, rejected = _detect_or_reject(path)
+    totals = _zero()
+    buffer = ImportResult(SOURCE)
+
+    def flush() -> None:
+        nonlocal buffer
+        if buffer.rows or buffer.rejects:
+            _add(totals, write_import(buffer, out_dir))
+        buffer = ImportResult(SOURCE)
+
+    for file, detected, rejected in _plan(path, kind):
+        totals["files"] += 1
         if detected is None:
-            return write_import(rejected, out_dir)
-        kind = detected
-    if kind not in STREAMING:
-        return write_import(import_path(path, kind=kind, **options), out_dir)
-    module, name = STREAMING[kind]
-    parts = getattr(importlib.import_module(module), name)(path, batch_size=batch_size, **options)
-    totals = dict.fromkeys(COUNT_KEYS, 0)
-    for part in parts:
-        _add(totals, write_import(part, out_dir))
-    return totals
+            buffer.extend(_qualify(rejected, file))
+        elif detected in STREAMING:
+            flush()
+            module, name = STREAMING[detected]
+            fn = getattr(importlib.import_module(module), name)
+            accepted = inspect.signature(fn).parameters
+            totals["options_ignored"].update(k for k in options if k not in accepted)
+            for part in fn(file, batch_size=batch_size, **{k: v for k, v in options.items() if k in accepted}):
+                _add(totals, write_import(_qualify(part, file), out_dir))
+        else:
+            try:
+                result, ignored = _run_importer(detected, file, options)
+            except Exception as exc:  # noqa: BLE001 - an importer that breaks on one file rejects that file
+                result, ignored = ImportResult(SOURCE), []
+                result.reject(file.name, RecordError(f"unreadable {detected} file: {type(exc).__name__}: {exc}"))
+            totals["options_ignored"].update(ignored)
+            buffer.extend(_qualify(result, file))
+        if len(buffer.rows) >= batch_size:
+            flush()
+    flush()
+    return _plain(totals)
+
+
+def summary_line(counts: Mapping[str, Any], label: str = "import") -> str:
+    """One line: files, records, stored, already stored, rejected (by reason), options ignored."""
+    records = counts["frames_read"] + counts["entries_read"] + counts["rejects_read"] - counts["conflicts"]
+    reasons = ", ".join(f"{k}: {v}" for k, v in Counter(counts["rejected_by_reason"]).most_common(6))
+    more = len(counts["rejected_by_reason"]) - 6
+    line = (f"{label}: {counts['files']} files, {records} records: {counts['frames_written']} frames and "
+            f"{counts['entries_written']} entries stored, {counts['already_stored']} already stored, "
+            f"{counts['rejects_read']} rejected")
+    if reasons:
+        line += f" ({reasons}{f', {more} more reasons' if more > 0 else ''})"
+    if counts["options_ignored"]:
+        line += f"; options ignored by these files' importers: {', '.join(sorted(counts['options_ignored']))}"
+    return line
+
+
+def import_paths(paths: list[str | Path], out_dir: str | Path, kind: str = "auto",
+                 **options: Any) -> tuple[list[dict[str, Any]], str]:
+    """Import every path; (per-path counts as plain JSON-able dicts, one summary line of the whole run)."""
+    per_path, totals = [], _zero()
+    for p in paths:
+        counts = import_to_dataset(p, out_dir, kind=kind, **options)
+        _add(totals, counts)
+        per_path.append({"path": str(p), **counts})
+    return per_path, summary_line(totals)

@@ -45,6 +45,7 @@ from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
 from pipeline.sources.mp_client import (
+    DEFAULT_TIMEOUT,
     MPAuthError,
     MPClient,
     MPResterClient,
@@ -362,14 +363,17 @@ def ingest_mp(
     chemsystems: Iterable[str],
     out_dir: str | Path,
     client: MPClient | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
     **kwargs: Any,
 ) -> IngestReport:
     """Ingest MP entries and task trajectories of ``chemsystems`` into ``out_dir`` (see :class:`MPIngest`).
 
-    Without ``client`` an mp-api ``MPRester`` is opened with MP_API_KEY (:class:`MPAuthError` if unset).
-    """
+    Without ``client`` an mp-api ``MPRester`` is opened with MP_API_KEY (:class:`MPAuthError` if unset,
+    :class:`MPUnreachable` if it does not answer). ``timeout`` bounds every network call (s), also of the
+    retries of ``retry`` when none is given."""
     if client is None:
-        client = MPResterClient.from_key(mp_api_key())
+        client = MPResterClient.from_key(mp_api_key(), timeout=timeout)
+    kwargs.setdefault("retry", RetryPolicy(timeout=timeout))
     return MPIngest(out_dir, client, **kwargs).run(chemsystems)
 
 
