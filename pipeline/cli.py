@@ -43,14 +43,16 @@ def _parse_policy(items: list[str] | None) -> dict[str, tuple[str, ...]] | None:
     for item in items:
         fid, _, labels = item.partition("=")
         if not labels:
-            raise SystemExit(f"--labels {item!r}: expected FIDELITY=label[,label...]")
+            raise ValueError(f"--labels {item!r}: expected FIDELITY=label[,label...]")
         out[fid.strip().lower()] = tuple(x.strip() for x in labels.split(","))
     return out
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pipeline.sources.files import import_paths
+    from pipeline.sources.files import IMPORTERS, import_paths
 
+    if args.kind != "auto" and args.kind not in IMPORTERS:
+        raise ValueError(f"--kind {args.kind!r}: unknown; use auto or one of {', '.join(sorted(IMPORTERS))}")
     options = {k: v for k, v in (("fidelity", args.fidelity), ("limit", args.limit)) if v is not None}
     per_path, summary = import_paths(args.paths, args.out, kind=args.kind, **options)
     _print(per_path)
@@ -309,7 +311,7 @@ def _one_line(exc: BaseException) -> str:
     (whose messages in this project name the item and the problem)."""
     text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     text = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
-    if isinstance(exc, (ValueError, FileNotFoundError)) and text:
+    if isinstance(exc, (ValueError, FileNotFoundError, ConnectionError)) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

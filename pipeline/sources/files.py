@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-
-import pyarrow as pa
 
 from pipeline.entries import entries_table
 from pipeline.frames import RecordError, frames_table
@@ -283,8 +282,12 @@ def _plain(counts: dict[str, Any]) -> dict[str, Any]:
 def reject_reason(error: str) -> str:
     """A short category of a reject message ('RecordError: unreadable extxyz file: ...' -> 'unreadable extxyz
     file'), for the per-run summary."""
-    text = error.split(": ", 1)[1] if ": " in error and error.split(": ", 1)[0].isidentifier() else error
-    head = text.split(": ")[0].split(" (")[0].strip()
+    parts = error.split(": ")
+    if len(parts) > 1 and parts[0].isidentifier():  # the exception type
+        parts = parts[1:]
+    while len(parts) > 1 and re.fullmatch(r"(line|frame|item|block|record) \S+", parts[0]):
+        parts = parts[1:]  # where, not why
+    head = parts[0].split(" (")[0].strip()
     return head[:60] or "unknown"
 
 
@@ -299,29 +302,36 @@ def _qualify(result: ImportResult, path: Path) -> ImportResult:
     return result
 
 
-def _append(dataset: ParquetDataset, table: pa.Table, what: str, result: ImportResult,
-            counts: dict[str, Any]) -> None:
+def _append(dataset: ParquetDataset, rows: list[dict[str, Any]], what: str, result: ImportResult,
+            counts: dict[str, Any], origins: Mapping[int, str]) -> None:
+    table = frames_table(rows) if what == "frames" else entries_table(rows)
     written, conflicts = dataset.append_checked(table)
     counts[f"{what}_written"] = written
     counts["conflicts"] += len(conflicts)
+    where = {"/".join(str(r[c]) for c in dataset.key): origins.get(id(r)) for r in rows}
     for key in conflicts:
-        result.reject(key, RecordError(f"duplicate key {key} with different content (the first stored is kept)"))
+        origin = where.get(key)
+        result.reject(f"{origin}:{key}" if origin else key,
+                      RecordError(f"duplicate key {key} with different content (the first stored is kept)"))
 
 
-def write_import(result: ImportResult, out_dir: str | Path) -> dict[str, Any]:
+def write_import(result: ImportResult, out_dir: str | Path,
+                 origins: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Append a result's frames, entries and rejects under ``out_dir``; counts read and newly written.
 
-    A row whose key is stored (or earlier in the result) with different content becomes a reject."""
+    A row whose key is stored (or earlier in the result) with different content becomes a reject, named
+    ``<file>:<key>`` when ``origins`` ({id(row): file}) says where the row came from."""
     out = Path(out_dir)
+    origins = origins or {}
     frames, entries = split_rows(result)
     counts = _zero()
     counts.update(frames_read=len(frames), entries_read=len(entries))
     if frames:
-        _append(ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]), frames_table(frames), "frames",
-                result, counts)
+        _append(ParquetDataset(out / "frames", FRAMES_SCHEMA, KEYS["frames"]), frames, "frames", result, counts,
+                origins)
     if entries:
-        _append(ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]), entries_table(entries),
-                "entries", result, counts)
+        _append(ParquetDataset(out / "entries", ENTRIES_SCHEMA, KEYS["entries"]), entries, "entries", result,
+                counts, origins)
     counts["rejects_read"] = result.n_rejected
     counts["already_stored"] = (counts["frames_read"] + counts["entries_read"] - counts["frames_written"]
                                 - counts["entries_written"] - counts["conflicts"])
@@ -362,17 +372,23 @@ def import_to_dataset(
     path = Path(path)
     totals = _zero()
     buffer = ImportResult(SOURCE)
+    origins: dict[int, str] = {}  # id(row) -> its file, to name the file of a conflicting duplicate
+
+    def add(result: ImportResult, file: Path) -> ImportResult:
+        origins.update((id(r), str(file)) for r in result.rows)
+        return _qualify(result, file)
 
     def flush() -> None:
         nonlocal buffer
         if buffer.rows or buffer.rejects:
-            _add(totals, write_import(buffer, out_dir))
+            _add(totals, write_import(buffer, out_dir, origins))
         buffer = ImportResult(SOURCE)
+        origins.clear()
 
     for file, detected, rejected in _plan(path, kind):
         totals["files"] += 1
         if detected is None:
-            buffer.extend(_qualify(rejected, file))
+            buffer.extend(add(rejected, file))
         elif detected in STREAMING:
             flush()
             module, name = STREAMING[detected]
@@ -380,7 +396,8 @@ def import_to_dataset(
             accepted = inspect.signature(fn).parameters
             totals["options_ignored"].update(k for k in options if k not in accepted)
             for part in fn(file, batch_size=batch_size, **{k: v for k, v in options.items() if k in accepted}):
-                _add(totals, write_import(_qualify(part, file), out_dir))
+                _add(totals, write_import(add(part, file), out_dir, origins))
+                origins.clear()
         else:
             try:
                 result, ignored = _run_importer(detected, file, options)
@@ -388,7 +405,7 @@ def import_to_dataset(
                 result, ignored = ImportResult(SOURCE), []
                 result.reject(file.name, RecordError(f"unreadable {detected} file: {type(exc).__name__}: {exc}"))
             totals["options_ignored"].update(ignored)
-            buffer.extend(_qualify(result, file))
+            buffer.extend(add(result, file))
         if len(buffer.rows) >= batch_size:
             flush()
     flush()
