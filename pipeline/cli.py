@@ -24,6 +24,9 @@ from pipeline.config import PROJECT_ROOT
 
 def _env_defaults() -> None:
     """Defaults that must be set before numpy / Prefect are imported."""
+    from pipeline.threads import set_env_defaults
+
+    set_env_defaults()  # OMP_WAIT_POLICY=PASSIVE, MFHULL_THREADS (see pipeline.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
@@ -81,7 +84,7 @@ def cmd_ingest_mp(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.cli_args import read_input_table
-    from pipeline.model import preset
+    from pipeline.model import MFPotential, preset
     from pipeline.schema import FRAMES_SCHEMA
     from pipeline.train import TrainConfig, train
 
@@ -90,17 +93,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--frames {args.frames}: no frames to train on")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction)
-    result = train(frames, preset(args.preset), cfg, args.out, resume=not args.restart)
+    config = preset(args.preset)
+    _threads_for(MFPotential(config))
+    result = train(frames, config, cfg, args.out, resume=not args.restart)
     _print({"best": result.best, "last": result.last, "final": result.history[-1] if result.history else None})
     return 0
 
 
-def _check_checkpoint(path: Path) -> None:
-    """One-line ValueError naming ``path`` when it is not a loadable mfhull checkpoint (truncated, foreign...)."""
+def _threads_for(model: Any) -> int:
+    """torch threads for this model (pipeline.threads: one for small models, MFHULL_THREADS overrides)."""
+    from pipeline.threads import configure_torch_threads
+
+    return configure_torch_threads(sum(p.numel() for p in model.parameters()))
+
+
+def _check_checkpoint(path: Path) -> Any:
+    """The model of an mfhull checkpoint; one-line ValueError naming ``path`` when it is not loadable."""
     from pipeline.model import load_checkpoint
 
     try:
-        load_checkpoint(path)
+        return load_checkpoint(path)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for broken files
         text = str(exc).strip().splitlines()
         raise ValueError(f"--checkpoint {path}: not a readable mfhull checkpoint ({type(exc).__name__}: "
@@ -116,7 +128,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
     references = read_input_table("--references", args.references, ENTRIES_SCHEMA)
     truth = read_input_table("--truth", args.truth, ENTRIES_SCHEMA) if args.truth else None
-    _check_checkpoint(args.checkpoint)
+    _threads_for(_check_checkpoint(args.checkpoint))
     cands = read_candidate_files(args.candidates)
     files = screen(
         candidates_table(cands.rows), references, checkpoint=args.checkpoint,
@@ -287,7 +299,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. Known errors (bad files, bad values, missing data) end as one line on stderr and
     exit 2; anything else as one line and exit 1 (``-v`` shows its traceback). Never a traceback otherwise."""
-    _env_defaults()
+    try:
+        _env_defaults()
+    except ValueError as exc:  # a bad MFHULL_THREADS
+        print(f"mfhull: error: {exc}", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
