@@ -1,0 +1,67 @@
+"""Every Materials Project call is bounded (defect 4): a call that never returns times out, is retried, and the
+unit ends in ``failed``; when every unit fails the CLI exits non-zero with one line."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.sources.mp import ingest_mp
+from pipeline.sources.mp_client import MPResterClient, MPUnreachable, RetryPolicy, call_with_deadline
+
+
+class NeverAnswers:
+    """A client whose every call blocks (like mp-api against a server that accepts and never replies)."""
+
+    secrets = ()
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def thermo_entries(self, chemsys, thermo_type):
+        self.release.wait(600)
+        return []
+
+    def material_calc_types(self, material_ids):
+        self.release.wait(600)
+        return {}
+
+    def trajectory(self, task_id):
+        self.release.wait(600)
+        return {}
+
+
+def test_deadline_returns_values_and_errors_and_times_out():
+    assert call_with_deadline(lambda: 3, 1.0, "x") == 3
+    with pytest.raises(KeyError):
+        call_with_deadline(lambda: {}["k"], 1.0, "x")
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="timed out after 0.2 s"):
+        call_with_deadline(lambda: time.sleep(30), 0.2, "slow call")
+    assert time.monotonic() - start < 5
+
+
+def test_a_silent_server_fails_every_unit_within_the_bound(tmp_path):
+    client = NeverAnswers()
+    start = time.monotonic()
+    report = ingest_mp(["Li-O"], tmp_path, client=client,
+                       retry=RetryPolicy(max_attempts=2, base_delay=0.0, timeout=0.2, sleep=lambda s: None))
+    client.release.set()
+    assert time.monotonic() - start < 30
+    assert report.units_done == 0 and report.failed
+    assert all("timed out after 0.2 s" in why for why in report.failed.values())
+
+
+def test_an_unreachable_endpoint_is_one_clear_error():
+    def factory(**kwargs):
+        time.sleep(30)
+
+    with pytest.raises(MPUnreachable, match="cannot reach the Materials Project"):
+        MPResterClient.from_key("k" * 32, rester_factory=factory, timeout=0.2)
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="timeout"):
+        RetryPolicy(timeout=0)
