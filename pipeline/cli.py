@@ -289,6 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: a temporary file older than this (s) in an output folder is a leftover of a killed run, not a live write
+STALE_TMP_S = 600.0
+
+
+def _clean_leftovers(args: argparse.Namespace) -> None:
+    """Remove ``.*.tmp`` files that killed runs left in the output folder (and its dataset folders)."""
+    from pipeline.io import remove_stale_tmp
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    folder = Path(out) if Path(out).is_dir() else Path(out).parent
+    for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []:
+        for tmp in remove_stale_tmp(sub, older_than_s=STALE_TMP_S):
+            logging.getLogger(__name__).info("removed %s, left by a killed run", tmp)
+
+
 #: Errors whose message is meant for the user: printed as one line, exit 2.
 def _user_errors() -> tuple[type[BaseException], ...]:
     import pyarrow as pa
@@ -311,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _clean_leftovers(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"mfhull {args.command}: interrupted", file=sys.stderr)

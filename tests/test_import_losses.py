@@ -109,3 +109,19 @@ def test_a_killed_writers_tmp_file_is_removed_by_the_next_writer(tmp_path):
     os.utime(stale, (0, 0))
     ds.append(pa.Table.from_pylist([{"record_id": "r", "source": "s", "error": "e"}], schema=REJECTS_SCHEMA))
     assert not stale.exists() and ds.read().num_rows == 1
+
+
+def test_the_cli_removes_old_tmp_leftovers_in_its_output_folder(tmp_path):
+    from pipeline.cli import main
+
+    out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)
+    old, fresh = out / ".report.parquet.x1.tmp", out / "sub" / ".best.pt.x2.tmp"
+    live = out / ".live.parquet.x3.tmp"
+    for p in (old, fresh, live):
+        p.write_bytes(b"partial")
+    os.utime(old, (0, 0))
+    os.utime(fresh, (0, 0))
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["import", str(tmp_path / "notes.txt"), "--out", str(out)]) == 0
+    assert not old.exists() and not fresh.exists() and live.exists()  # a recent one may be another live writer
