@@ -287,7 +287,7 @@ def reject_reason(error: str) -> str:
         parts = parts[1:]
     while len(parts) > 1 and re.fullmatch(r"(line|frame|item|block|record) \S+", parts[0]):
         parts = parts[1:]  # where, not why
-    head = parts[0].split(" (")[0].strip()
+    head = parts[0].split(" (")[0].split(";")[0].strip()
     return head[:60] or "unknown"
 
 
