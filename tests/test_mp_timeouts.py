@@ -65,3 +65,17 @@ def test_an_unreachable_endpoint_is_one_clear_error():
 def test_timeout_must_be_positive():
     with pytest.raises(ValueError, match="timeout"):
         RetryPolicy(timeout=0)
+
+
+def test_cli_exits_non_zero_with_one_line_when_every_unit_fails(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.sources import mp
+
+    client = NeverAnswers()
+    monkeypatch.setenv("MP_API_KEY", "k" * 32)
+    monkeypatch.setattr(mp.MPResterClient, "from_key", classmethod(lambda cls, key, timeout=None: client))
+    monkeypatch.setattr(mp, "RetryPolicy", lambda timeout=None: RetryPolicy(max_attempts=1, timeout=timeout))
+    assert main(["ingest-mp", "Li-O", "--out", str(tmp_path), "--timeout", "0.2"]) == 1
+    client.release.set()
+    err = capsys.readouterr().err
+    assert "all 3 units failed" in err and "timed out after 0.2 s" in err and "Traceback" not in err
