@@ -232,6 +232,8 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
         monkeypatch.setenv("MP_API_ENDPOINT", f"http://127.0.0.1:{port}/")
     elif name.startswith("ingest"):
         monkeypatch.setenv("MP_API_ENDPOINT", f"http://127.0.0.1:{_closed_port()}/")
+    if name.startswith("ingest"):
+        pytest.importorskip("mp_api.client")  # imported before the clock starts: only the call is bounded here
     start = time.monotonic()
     code = main(build(world, tmp_path))
     took = time.monotonic() - start
@@ -243,7 +245,7 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and " error: " in lines[0], err
     if name.startswith("ingest"):
-        assert took < 60, f"{name} took {took:.0f} s"  # bounded: the 1 s limit plus mp-api's import
+        assert took < 30, f"{name} took {took:.0f} s"  # bounded by the 1 s limit (no hang)
     if name.startswith("import") and expected == 0:  # rows lost = 0: every file is counted, stored or rejected
         args = build(world, tmp_path)
         paths = [Path(a) for a in args[1:args.index("--out")]]
