@@ -234,6 +234,7 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
         monkeypatch.setenv("MP_API_ENDPOINT", f"http://127.0.0.1:{_closed_port()}/")
     if name.startswith("ingest"):
         pytest.importorskip("mp_api.client")  # imported before the clock starts: only the call is bounded here
+        pytest.importorskip("pipeline.sources.mp")
     start = time.monotonic()
     code = main(build(world, tmp_path))
     took = time.monotonic() - start
