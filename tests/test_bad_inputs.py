@@ -246,7 +246,7 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and " error: " in lines[0], err
     if name.startswith("ingest"):
-        assert took < 30, f"{name} took {took:.0f} s"  # bounded by the 1 s limit (no hang)
+        assert took < 120, f"{name} took {took:.0f} s"  # bounded (1 s limit; slack for lazy imports on a busy CI)
     if name.startswith("import") and expected == 0:  # rows lost = 0: every file is counted, stored or rejected
         args = build(world, tmp_path)
         paths = [Path(a) for a in args[1:args.index("--out")]]
