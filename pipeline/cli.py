@@ -65,7 +65,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_ingest_mp(args: argparse.Namespace) -> int:
     from pipeline.sources.mp import ingest_mp
-    from pipeline.sources.mp_client import MPAuthError
+    from pipeline.sources.mp.mp_client import MPAuthError
 
     try:
         report = ingest_mp(args.chemsys, args.out, timeout=args.timeout)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pymatgen.core import Lattice, Structure
 
 from pipeline.hull.candidates import read_candidate_files
-from pipeline.sources.extxyz import import_extxyz
+from pipeline.sources.files.extxyz import import_extxyz
 
 _B2 = Structure(Lattice.cubic(3.2), ["Li", "Al"], [[0, 0, 0], [0.5, 0.5, 0.5]])
 SEEDS = {

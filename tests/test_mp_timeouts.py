@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.sources.mp import ingest_mp
-from pipeline.sources.mp_client import MPResterClient, MPUnreachable, RetryPolicy, call_with_deadline
+from pipeline.sources.mp.mp_client import MPResterClient, MPUnreachable, RetryPolicy, call_with_deadline
 
 
 class NeverAnswers:

@@ -103,7 +103,7 @@ def test_explicit_kind_and_options_reach_the_importer(mp_file):
 
 
 def test_task_docs_go_through_the_taskdocs_importer(mp_file):
-    pytest.importorskip("pipeline.sources.taskdocs")
+    pytest.importorskip("pipeline.sources.mp.taskdocs")
     result = import_path(mp_file("emmet/test_si_tasks.json.gz"))
     assert result.n_ok > 0
     assert all("frame_id" in r for r in result.rows)
@@ -118,7 +118,7 @@ def test_task_docs_go_through_the_taskdocs_importer(mp_file):
 )
 def test_raw_vasp_runs_go_through_the_vasprun_reader(mp_file, rel, n_steps, frame_id):
     """README: the Si r2SCAN relaxation has 3 ionic steps, the Lu one 6."""
-    pytest.importorskip("pipeline.sources.taskdocs")
+    pytest.importorskip("pipeline.sources.mp.taskdocs")
     result = import_path(mp_file(rel))
     assert (result.n_ok, result.n_rejected) == (n_steps, 0)
     assert result.rows[0]["frame_id"] == frame_id

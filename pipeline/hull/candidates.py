@@ -36,7 +36,7 @@ from pipeline.hull.phase_diagram import chemsys_elements
 from pipeline.schema import CANDIDATES_SCHEMA
 from pipeline.sources.base import ImportResult
 from pipeline.sources.common import read_bytes
-from pipeline.sources.extxyz import split_frames
+from pipeline.sources.files.extxyz import split_frames
 
 SOURCE_FILE = "file"
 SOURCE_SUBSTITUTION = "substitution"

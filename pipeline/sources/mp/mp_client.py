@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from pymatgen.core.entries import ComputedStructureEntry
 
 from pipeline.config import Secret, mp_api_key
-from pipeline.sources.taskdocs import IncompleteRecord, enum_text, field_value
+from pipeline.sources.mp.taskdocs import IncompleteRecord, enum_text, field_value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -7,7 +7,7 @@ For each chemical system (and its subsystems, as ``get_entries_in_chemsys`` retu
 2. the calc types of the materials of those entries -> the tasks to fetch: GGA / GGA+U / r2SCAN structure
    optimizations and statics (the tasks MPtrj was made of; see ``task_kinds``);
 3. each task's trajectory -> one frame per ionic step in ``<out>/frames`` (FRAMES_SCHEMA), via
-   :func:`pipeline.sources.taskdocs.trajectory_frames`.
+   :func:`pipeline.sources.mp.taskdocs.trajectory_frames`.
 
 Bad records go to ``<out>/rejects`` (REJECTS_SCHEMA) with their error. Every finished unit of work (one
 chemical system x thermo type, one batch of materials, one task) is recorded in ``<out>/state.json`` (written
@@ -44,7 +44,7 @@ from pipeline.entries import entries_table, entry_to_row, normalize_run_type
 from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
-from pipeline.sources.mp_client import (
+from pipeline.sources.mp.mp_client import (
     DEFAULT_TIMEOUT,
     MPAuthError,
     MPClient,
@@ -54,7 +54,7 @@ from pipeline.sources.mp_client import (
     call_with_retries,
     redact,
 )
-from pipeline.sources.taskdocs import trajectory_frames
+from pipeline.sources.mp.taskdocs import trajectory_frames
 
 log = logging.getLogger(__name__)
 

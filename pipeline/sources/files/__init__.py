@@ -14,17 +14,17 @@ Kinds and their detection in ``auto`` mode:
 ==================  =====================================================  =======================================
 kind                importer                                               detected from
 ==================  =====================================================  =======================================
-``extxyz``          :func:`pipeline.sources.extxyz.import_extxyz`          ``.xyz`` / ``.extxyz`` (``.gz`` too)
-``ase-db``          :func:`pipeline.sources.asedb.import_ase_db`           ``.db`` / ``.sqlite`` (SQLite header)
-``res``             :func:`pipeline.sources.res.import_res`                ``.res``, a tar of them, a folder of them
-``entries-json``    :func:`pipeline.sources.entries_json.import_entries_json`  JSON whose records have ``@class``
+``extxyz``          :func:`pipeline.sources.files.extxyz.import_extxyz`          ``.xyz`` / ``.extxyz`` (``.gz`` too)
+``ase-db``          :func:`pipeline.sources.files.asedb.import_ase_db`           ``.db`` / ``.sqlite`` (SQLite header)
+``res``             :func:`pipeline.sources.files.res.import_res`                ``.res``, a tar of them, a folder of them
+``entries-json``    :func:`pipeline.sources.files.entries_json.import_entries_json`  JSON whose records have ``@class``
                                                                            ComputedEntry / ComputedStructureEntry
-``matpes``          :func:`pipeline.sources.matpes.import_matpes`          JSON records with ``matpes_id``
-``mp-element-refs`` :func:`pipeline.sources.matpes.import_mp_element_refs` JSON ``{el: {structure: [..],
+``matpes``          :func:`pipeline.sources.files.matpes.import_matpes`          JSON records with ``matpes_id``
+``mp-element-refs`` :func:`pipeline.sources.files.matpes.import_mp_element_refs` JSON ``{el: {structure: [..],
                                                                            energy_per_atom: [..]}}``
-``wbm``             :func:`pipeline.sources.wbm.import_wbm`                JSON records with ``structure``,
+``wbm``             :func:`pipeline.sources.files.wbm.import_wbm`                JSON records with ``structure``,
                                                                            ``energy`` and ``corrected_energy``
-``task-docs``       ``pipeline.sources.taskdocs.import_task_docs``         JSON records with ``calcs_reversed``
+``task-docs``       ``pipeline.sources.mp.taskdocs.import_task_docs``         JSON records with ``calcs_reversed``
 ``vasprun``         :func:`import_vasprun_path` (taskdocs' vasprun reader)  ``vasprun.xml(.gz)``, a VASP run folder
 ``vasp-bundle``     :func:`import_vasp_bundle` (idem)                      emmet JSON ``{file: {"0": hex}}``
 ==================  =====================================================  =======================================
@@ -59,14 +59,14 @@ SOURCE = "files"
 
 #: kind -> (module, function); modules are imported when first used
 IMPORTERS: dict[str, tuple[str, str]] = {
-    "extxyz": ("pipeline.sources.extxyz", "import_extxyz"),
-    "ase-db": ("pipeline.sources.asedb", "import_ase_db"),
-    "res": ("pipeline.sources.res", "import_res"),
-    "entries-json": ("pipeline.sources.entries_json", "import_entries_json"),
-    "matpes": ("pipeline.sources.matpes", "import_matpes"),
-    "mp-element-refs": ("pipeline.sources.matpes", "import_mp_element_refs"),
-    "task-docs": ("pipeline.sources.taskdocs", "import_task_docs"),
-    "wbm": ("pipeline.sources.wbm", "import_wbm"),
+    "extxyz": ("pipeline.sources.files.extxyz", "import_extxyz"),
+    "ase-db": ("pipeline.sources.files.asedb", "import_ase_db"),
+    "res": ("pipeline.sources.files.res", "import_res"),
+    "entries-json": ("pipeline.sources.files.entries_json", "import_entries_json"),
+    "matpes": ("pipeline.sources.files.matpes", "import_matpes"),
+    "mp-element-refs": ("pipeline.sources.files.matpes", "import_mp_element_refs"),
+    "task-docs": ("pipeline.sources.mp.taskdocs", "import_task_docs"),
+    "wbm": ("pipeline.sources.files.wbm", "import_wbm"),
     "vasprun": ("pipeline.sources.files", "import_vasprun_path"),
     "vasp-bundle": ("pipeline.sources.files", "import_vasp_bundle"),
 }
@@ -102,7 +102,7 @@ def import_vasprun_path(path: str | Path, task_id: str | None = None, **options:
         result = ImportResult(SOURCE)
         result.reject(path.name, RecordError("no vasprun.xml in the folder"))
         return result
-    taskdocs = importlib.import_module("pipeline.sources.taskdocs")
+    taskdocs = importlib.import_module("pipeline.sources.mp.taskdocs")
     return taskdocs.import_vasprun(vasprun, task_id or folder.name, **options)
 
 
@@ -112,7 +112,7 @@ def import_vasp_bundle(path: str | Path, task_id: str | None = None, **options: 
     ``task_id`` defaults to the file name without its ``.json(.gz)`` suffix.
     """
     path = Path(path)
-    taskdocs = importlib.import_module("pipeline.sources.taskdocs")
+    taskdocs = importlib.import_module("pipeline.sources.mp.taskdocs")
     name = task_id or path.name.removesuffix(".gz").removesuffix(".json")
     try:
         files = taskdocs.decode_hex_gz_bundle(path)
@@ -345,8 +345,8 @@ def write_import(result: ImportResult, out_dir: str | Path,
 
 #: kinds that can be streamed in batches: kind -> (module, generator of ImportResults)
 STREAMING: dict[str, tuple[str, str]] = {
-    "extxyz": ("pipeline.sources.extxyz", "iter_extxyz"),
-    "ase-db": ("pipeline.sources.asedb", "iter_ase_db"),
+    "extxyz": ("pipeline.sources.files.extxyz", "iter_extxyz"),
+    "ase-db": ("pipeline.sources.files.asedb", "iter_ase_db"),
 }
 
 
