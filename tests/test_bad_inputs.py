@@ -41,6 +41,16 @@ def _frame(i: int, energy: float = -1.0) -> Atoms:
     return atoms
 
 
+class _Payload:
+    """Unpickling it would create a file: the attack of a crafted .pth."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     """Valid inputs (references, checkpoint, frames, candidates) and broken ones, made once."""
@@ -56,6 +66,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     (d / "truncated.pt").write_bytes((d / "model.pt").read_bytes()[:500])
     (d / "text.pt").write_text("not a checkpoint")
     torch.save({"w": torch.zeros(1)}, d / "foreign.pt")
+    torch.save({"config": {}, "model_state_dict": {}, "x": _Payload(d / "pwned")}, d / "evil.pth")
     pq.write_table(pa.table({"x": [1, 2]}), d / "wrong.parquet")
     (d / "notparquet.parquet").write_text("hello")
     (d / "a_file").write_text("I am a file")
@@ -194,6 +205,15 @@ CASES: list[Case] = [
     ("ingest-timeout-nan", lambda w, t: ["ingest-mp", "Li-O", "--out", str(t), "--timeout", "nan"], 2, "finite"),
     ("ingest-no-key", _ingest(), 2, "MP_API_KEY"),
     ("ingest-out-is-a-file", lambda w, t: ["ingest-mp", "Li-O", "--out", str(w / "a_file")], 2, "is a file"),
+    # import-sevenn: untrusted files never run code
+    ("sevenn-crafted-payload", lambda w, t: ["import-sevenn", "--checkpoint", str(w / "evil.pth"), "--out",
+                                              str(t / "m.pt")], 2, "refused"),
+    ("sevenn-text-file", lambda w, t: ["import-sevenn", "--checkpoint", str(w / "text.pt"), "--out",
+                                        str(t / "m.pt")], 2, "not a readable torch checkpoint"),
+    ("sevenn-unknown-name", lambda w, t: ["import-sevenn", "--checkpoint", "7net-9", "--out", str(t / "m.pt")], 2,
+     "no such file"),
+    ("hull-out-is-a-folder", lambda w, t: ["hull", "--entries", str(w / "refs.parquet"), "--thermo-type", "raw",
+                                            "--out", str(t)], 2, "is a folder"),
 ]
 
 
@@ -242,6 +262,7 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path, capsys, monkeypatch)
     assert "Traceback" not in out + err, err
     assert code == expected, (code, err[-2000:])
     assert text in err, err[-2000:]
+    assert not (world / "pwned").exists()  # no payload ever ran
     if expected == 2:  # a clear error: exactly one line, naming the problem
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and " error: " in lines[0], err

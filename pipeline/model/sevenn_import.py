@@ -66,7 +66,7 @@ def load_sevenn_checkpoint(path: str | Path) -> dict[str, Any]:
     naming the file and the global; so do truncated or non-checkpoint files."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SevenNet checkpoint {path}: no such file")
+        raise FileNotFoundError(f"SevenNet checkpoint {path}: no such file (shipped names: {', '.join(_PRETRAINED)})")
     try:
         with torch.serialization.safe_globals(_SEVENN_SAFE_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
