@@ -29,7 +29,7 @@ from pipeline.hull import (
     prediction_entry,
     substitute_prototypes,
 )
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 
 def best_of(fn: Callable[[], object], repeat: int) -> tuple[float, object]:

@@ -16,7 +16,7 @@ imports it into a temporary dataset in a fresh process per variant and prints wa
 
 ``--stress-evidence`` prints, per mattersim file, how the stored stresses compare with SevenNet-0's (an ASE
 calculator: its stress is the strain derivative of its own energy, so it has the ASE sign), and the
-energy-balance verdict of :mod:`pipeline.sources.stress_check` on consecutive MPtrj ionic steps.
+energy-balance verdict of :mod:`pipeline.sources.files.stress_check` on consecutive MPtrj ionic steps.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from monty.serialization import loadfn
 from pipeline.config import shared_data_dir
 from pipeline.entries import entries_table
 from pipeline.frames import row_to_atoms
-from pipeline.sources.asedb import import_ase_db
-from pipeline.sources.entries_json import import_entries_json
-from pipeline.sources.extxyz import import_extxyz
 from pipeline.sources.files import write_import
-from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
+from pipeline.sources.files.asedb import import_ase_db
+from pipeline.sources.files.entries_json import import_entries_json
+from pipeline.sources.files.extxyz import import_extxyz
+from pipeline.sources.files.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 XYZ = ("mptrj-random-1k", "mptrj-highest-stress-1k", "alexandria-random-1k")
 STRONG = 0.006  # eV/A^3: pressures above the model's typical stress error
@@ -137,7 +137,7 @@ def stress_evidence(data: Path, n_frames: int) -> None:
             name, import_ase_db(data / "orb-models" / f"{name}.db", fidelity="pbe").rows, calc
         )
 
-    print("# energy balance of consecutive ionic steps (pipeline.sources.stress_check)")
+    print("# energy balance of consecutive ionic steps (pipeline.sources.files.stress_check)")
     _print_verdict("mptrj-highest-stress-1k", mptrj_step_pairs(rows_of["mptrj-highest-stress-1k"]))
     rows = import_ase_db(data / "orb-models" / "10_thin_mp_traj_systems.db").rows
     _print_verdict("orb 10_thin_mp_traj_systems", mptrj_step_pairs(rows))

@@ -34,7 +34,7 @@ def base_structure() -> Atoms:
     if path.is_file():
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        from pipeline.sources.res import read_res_entries
+        from pipeline.sources.files.res import read_res_entries
 
         for entry in read_res_entries(path)[0]:
             st = entry.structure

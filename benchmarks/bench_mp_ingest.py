@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import shared_data_dir
 from pipeline.sources.mp import MPIngest
-from pipeline.sources.mp_client import MPResterClient
+from pipeline.sources.mp.mp_client import MPResterClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fakes.mp_client import FakeMPRester, recorded_mp  # test fakes live beside the tests

@@ -24,7 +24,7 @@ from pipeline.hull.candidates import candidate_row, candidates_table
 from pipeline.model import import_sevenn, save_checkpoint
 from pipeline.relax.relaxer import RelaxSettings
 from pipeline.screening import screen
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 
 def main() -> None:

@@ -24,6 +24,9 @@ from pipeline.config import PROJECT_ROOT
 
 def _env_defaults() -> None:
     """Defaults that must be set before numpy / Prefect are imported."""
+    from pipeline.threads import set_env_defaults
+
+    set_env_defaults()  # OMP_WAIT_POLICY=PASSIVE, MFHULL_THREADS (see pipeline.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
@@ -43,74 +46,116 @@ def _parse_policy(items: list[str] | None) -> dict[str, tuple[str, ...]] | None:
     for item in items:
         fid, _, labels = item.partition("=")
         if not labels:
-            raise SystemExit(f"--labels {item!r}: expected FIDELITY=label[,label...]")
+            raise ValueError(f"--labels {item!r}: expected FIDELITY=label[,label...]")
         out[fid.strip().lower()] = tuple(x.strip() for x in labels.split(","))
     return out
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from pipeline.sources.files import import_to_dataset
+    from pipeline.sources.files import IMPORTERS, import_paths
 
+    if args.kind != "auto" and args.kind not in IMPORTERS:
+        raise ValueError(f"--kind {args.kind!r}: unknown; use auto or one of {', '.join(sorted(IMPORTERS))}")
     options = {k: v for k, v in (("fidelity", args.fidelity), ("limit", args.limit)) if v is not None}
-    results = [{"path": p, **import_to_dataset(p, args.out, kind=args.kind, **options)} for p in args.paths]
-    _print(results)
+    per_path, summary = import_paths(args.paths, args.out, kind=args.kind, **options)
+    _print(per_path)
+    print(summary, file=sys.stderr)
     return 0
 
 
 def cmd_ingest_mp(args: argparse.Namespace) -> int:
     from pipeline.sources.mp import ingest_mp
-    from pipeline.sources.mp_client import MPAuthError
+    from pipeline.sources.mp.mp_client import MPAuthError
 
     try:
-        report = ingest_mp(args.chemsys, args.out)
+        report = ingest_mp(args.chemsys, args.out, timeout=args.timeout)
     except MPAuthError as exc:  # missing / rejected key: the message says what to do (and never shows the key)
         print(f"mfhull ingest-mp: error: {exc}", file=sys.stderr)
         return 2
-    _print(report.__dict__ if hasattr(report, "__dict__") else report)
+    _print(report.__dict__)
+    print(report.summary(), file=sys.stderr)
+    if report.failed and report.units_done == 0:
+        first = next(iter(report.failed.values()))
+        print(f"mfhull ingest-mp: error: all {len(report.failed)} units failed (first: {first[:300]})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.io import read_table
-    from pipeline.model import preset
+    from pipeline.cli_args import read_input_table
+    from pipeline.model import MFPotential, preset
     from pipeline.schema import FRAMES_SCHEMA
     from pipeline.train import TrainConfig, train
 
-    frames = read_table(args.frames, FRAMES_SCHEMA)
+    frames = read_input_table("--frames", args.frames, FRAMES_SCHEMA)
+    if frames.num_rows == 0:
+        raise ValueError(f"--frames {args.frames}: no frames to train on")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction)
-    result = train(frames, preset(args.preset), cfg, args.out, resume=not args.restart)
+    config = preset(args.preset)
+    _threads_for(MFPotential(config))
+    result = train(frames, config, cfg, args.out, resume=not args.restart)
     _print({"best": result.best, "last": result.last, "final": result.history[-1] if result.history else None})
     return 0
 
 
+def _threads_for(model: Any) -> int:
+    """torch threads for this model (pipeline.threads: one for small models, MFHULL_THREADS overrides)."""
+    from pipeline.threads import configure_torch_threads
+
+    return configure_torch_threads(sum(p.numel() for p in model.parameters()))
+
+
+def _check_checkpoint(path: Path) -> Any:
+    """The model of an mfhull checkpoint; one-line ValueError naming ``path`` when it is not loadable."""
+    from pipeline.model import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for broken files
+        text = str(exc).strip().splitlines()
+        raise ValueError(f"--checkpoint {path}: not a readable mfhull checkpoint ({type(exc).__name__}: "
+                         f"{text[0][:200] if text else ''})") from None
+
+
 def cmd_screen(args: argparse.Namespace) -> int:
-    from pipeline.hull.candidates import read_candidate_files
-    from pipeline.io import read_table
+    from pipeline.cli_args import read_input_table
+    from pipeline.hull.candidates import candidates_table, read_candidate_files
     from pipeline.relax.relaxer import RelaxSettings
     from pipeline.schema import ENTRIES_SCHEMA
-    from pipeline.screening import screen
+    from pipeline.screening import failure_table, screen
 
+    references = read_input_table("--references", args.references, ENTRIES_SCHEMA)
+    truth = read_input_table("--truth", args.truth, ENTRIES_SCHEMA) if args.truth else None
+    _threads_for(_check_checkpoint(args.checkpoint))
     cands = read_candidate_files(args.candidates)
-    from pipeline.hull.candidates import candidates_table
-
     files = screen(
-        candidates_table(cands.rows), read_table(args.references, ENTRIES_SCHEMA), checkpoint=args.checkpoint,
+        candidates_table(cands.rows), references, checkpoint=args.checkpoint,
         thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
-        out_dir=args.out, truth=read_table(args.truth, ENTRIES_SCHEMA) if args.truth else None,
-        candidate_rejects=cands.rejects, relax=RelaxSettings(fmax=args.fmax, steps=args.steps),
-        device=args.device,
+        out_dir=args.out, truth=truth, candidate_rejects=cands.rejects,
+        relax=RelaxSettings(fmax=args.fmax, steps=args.steps), device=args.device,
     )
     _print({k: str(v) for k, v in files.items()})
-    return 0
+    print(failure_table(files["report"]), file=sys.stderr)
+    return 1 if _all_failed(files) else 0
+
+
+def _all_failed(files: dict[str, Path]) -> bool:
+    """True when no candidate got a prediction (every row failed, none merely suspect)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(files["report"], columns=["error"]).column("error").to_pylist()
+    return bool(rows) and all(e is not None and not e.startswith("suspect:") for e in rows)
 
 
 def cmd_hull(args: argparse.Namespace) -> int:
+    from pipeline.cli_args import read_input_table
     from pipeline.hull import build_reference_hull
-    from pipeline.io import read_table, write_table_atomic
+    from pipeline.io import write_table_atomic
     from pipeline.schema import ENTRIES_SCHEMA
 
-    hull = build_reference_hull(read_table(args.entries, ENTRIES_SCHEMA), args.thermo_type, chemsys=args.chemsys,
+    hull = build_reference_hull(read_input_table("--entries", args.entries, ENTRIES_SCHEMA), args.thermo_type, chemsys=args.chemsys,
                                 fidelity=args.fidelity)
     table = hull.e_above_hull_table()
     write_table_atomic(table, args.out)
@@ -138,84 +183,171 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(value: str) -> str:
+    """cpu, cuda, cuda:N or mps (checked here; whether it is present is checked when the model is built)."""
+    import re
+
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device (cpu, cuda, cuda:N, mps)")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): 'mfhull CMD: error: argument --X: <why> (see --help)'."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mfhull", description=__doc__,
+    from pipeline.cli_args import existing_file, existing_path, float_range, int_range, out_dir, out_file
+
+    parser = _Parser(prog="mfhull", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log progress (INFO) and show the full traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
+    device_help = "torch device: cpu, cuda, cuda:N or mps (default: $MFHULL_DEVICE or cpu)"
 
     p = sub.add_parser("import", help="import real files into frames/entries Parquet datasets")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--kind", default="auto", help="auto (by content), extxyz, ase-db, res, entries-json, ...")
-    p.add_argument("--fidelity", default=None, help="fidelity of files that do not say (e.g. an ASE db)")
-    p.add_argument("--limit", type=int, default=None, help="import at most this many records per file")
+    p.add_argument("paths", nargs="+", type=existing_path, help="files or folders (folders are read recursively)")
+    p.add_argument("--out", required=True, type=out_dir,
+                   help="dataset folder: frames/, entries/ and rejects/ are appended there")
+    p.add_argument("--kind", default="auto",
+                   help="auto (by content), extxyz, ase-db, res, entries-json, matpes, mp-element-refs, "
+                        "task-docs, wbm, vasprun, vasp-bundle (default: auto)")
+    p.add_argument("--fidelity", default=None,
+                   help="fidelity name for files that do not say (e.g. an ASE db or a plain extxyz), e.g. pbe")
+    p.add_argument("--limit", type=int_range(1), default=None, help="import at most this many records per file (>= 1)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("ingest-mp", help="ingest Materials Project entries and trajectories (MP_API_KEY)")
     p.add_argument("chemsys", nargs="+", help="chemical systems, e.g. Li-Ni-O")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=out_dir, help="dataset folder for entries/, frames/, rejects/")
+    p.add_argument("--timeout", type=float_range(0, 3600, low_open=True), default=60.0,
+                   help="seconds any one network call may take before it counts as failed (default: 60)")
     p.set_defaults(func=cmd_ingest_mp)
 
     p = sub.add_parser("train", help="train the multi-fidelity potential on a frames dataset")
-    p.add_argument("--frames", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
-    p.add_argument("--labels", action="append", help="FIDELITY=energy[,forces,stress]: labels used per fidelity")
+    p.add_argument("--frames", required=True, type=existing_path, help="frames Parquet file or dataset folder")
+    p.add_argument("--out", required=True, type=out_dir, help="run folder (best.pt, last.pt, metrics.json)")
+    p.add_argument("--preset", default="small", help="model size preset: small or sevennet-mf-0 (default: small)")
+    p.add_argument("--epochs", type=int_range(1, 1_000_000), default=100, help="training epochs (>= 1; default: 100)")
+    p.add_argument("--batch-size", type=int_range(1, 100_000), default=8,
+                   help="structures per batch (>= 1; default: 8)")
+    p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=5e-3,
+                   help="learning rate of Adam (> 0; default: 5e-3)")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (0 .. 2^32-1; default: 0)")
+    p.add_argument("--val-fraction", type=float_range(0, 1, high_open=True), default=0.1,
+                   help="fraction of structures held out for validation, in [0, 1) (default: 0.1)")
+    p.add_argument("--device", type=_device, default=os.environ.get("MFHULL_DEVICE", "cpu"), help=device_help)
+    p.add_argument("--labels", action="append",
+                   help="FIDELITY=energy[,forces,stress]: labels used per fidelity (repeat per fidelity)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("screen", help="relax candidates and report E_hull")
-    p.add_argument("--candidates", nargs="+", required=True, help="CIF/POSCAR/extxyz/JSON files or folders")
-    p.add_argument("--references", required=True, help="entries dataset of the reference phases")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--candidates", nargs="+", required=True, type=existing_path,
+                   help="CIF/POSCAR/extxyz/JSON files or folders (every structure in them is one candidate)")
+    p.add_argument("--references", required=True, type=existing_path,
+                   help="entries Parquet file or dataset of the reference phases")
+    p.add_argument("--checkpoint", required=True, type=existing_file, help="mfhull potential checkpoint (.pt)")
     p.add_argument("--thermo-type", required=True, help="R2SCAN, GGA_GGA+U, GGA_GGA+U_R2SCAN or raw")
-    p.add_argument("--fidelity", required=True, help="fidelity of the references (and the report)")
+    p.add_argument("--fidelity", required=True, help="fidelity of the references (and the report), e.g. r2scan")
     p.add_argument("--model-fidelity", default=None, help="the potential's fidelity (default: --fidelity)")
-    p.add_argument("--truth", default=None, help="entries dataset with DFT energies of the candidates")
-    p.add_argument("--out", required=True)
-    p.add_argument("--fmax", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
+    p.add_argument("--truth", default=None, type=existing_path,
+                   help="entries dataset with DFT energies of the candidates (for metrics)")
+    p.add_argument("--out", required=True, type=out_dir, help="report folder")
+    p.add_argument("--fmax", type=float_range(0, 100, low_open=True), default=0.05,
+                   help="force convergence of the relaxation, eV/Angstrom (> 0; default: 0.05)")
+    p.add_argument("--steps", type=int_range(0, 1_000_000), default=300,
+                   help="optimizer step limit per structure (>= 0; 0 = single point; default: 300)")
+    p.add_argument("--device", type=_device, default=os.environ.get("MFHULL_DEVICE", "cpu"), help=device_help)
     p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("hull", help="reference hull (E_hull of every entry) of one thermo type")
-    p.add_argument("--entries", required=True)
-    p.add_argument("--thermo-type", required=True)
-    p.add_argument("--chemsys", default=None)
-    p.add_argument("--fidelity", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--entries", required=True, type=existing_path, help="entries Parquet file or dataset folder")
+    p.add_argument("--thermo-type", required=True, help="R2SCAN, GGA_GGA+U, GGA_GGA+U_R2SCAN or raw")
+    p.add_argument("--chemsys", default=None, help="restrict to one chemical system, e.g. Li-Ni-O (default: all)")
+    p.add_argument("--fidelity", default=None, help="restrict to entries of one fidelity (default: all)")
+    p.add_argument("--out", required=True, type=out_file, help="output Parquet file (E_hull per entry)")
     p.set_defaults(func=cmd_hull)
 
     p = sub.add_parser("import-sevenn", help="convert a SevenNet checkpoint (default: the pretrained 7net-mf-0 "
                        "shipped with the sevenn extra) into an mfhull checkpoint")
-    p.add_argument("--checkpoint", default="7net-mf-0", help="a sevenn checkpoint path or shipped name")
-    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default="7net-mf-0",
+                   help="a sevenn checkpoint path or shipped name: 7net-mf-0, 7net-0 (default: 7net-mf-0); "
+                        "files are loaded without running code (weights only, allow-listed globals)")
+    p.add_argument("--out", required=True, type=out_file, help="output mfhull checkpoint file (.pt)")
     p.set_defaults(func=cmd_import_sevenn)
 
     p = sub.add_parser("demo", help="offline demo on data/demo: train, screen, report (Prefect, embedded API)")
-    p.add_argument("--out", default=None, type=Path, help="default: $MFHULL_REPORTS/demo (reports/demo)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's setting)")
+    p.add_argument("--out", default=None, type=out_dir, help="default: $MFHULL_REPORTS/demo (reports/demo)")
+    p.add_argument("--epochs", type=int_range(1, 100_000), default=None,
+                   help="training epochs (>= 1; default: the demo's setting)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
+#: a temporary file older than this (s) in an output folder is a leftover of a killed run, not a live write
+STALE_TMP_S = 600.0
+
+
+def _clean_leftovers(args: argparse.Namespace) -> None:
+    """Remove ``.*.tmp`` files that killed runs left in the output folder (and its dataset folders)."""
+    from pipeline.io import remove_stale_tmp
+
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    folder = Path(out) if Path(out).is_dir() else Path(out).parent
+    for sub in [folder, *(p for p in folder.iterdir() if p.is_dir())] if folder.is_dir() else []:
+        for tmp in remove_stale_tmp(sub, older_than_s=STALE_TMP_S):
+            logging.getLogger(__name__).info("removed %s, left by a killed run", tmp)
+
+
+#: Errors whose message is meant for the user: printed as one line, exit 2.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    return (ValueError, KeyError, OSError, ImportError, pa.ArrowException)
+
+
 def main(argv: list[str] | None = None) -> int:
-    _env_defaults()
-    args = build_parser().parse_args(argv)
+    """Run one sub-command. Known errors (bad files, bad values, missing data) end as one line on stderr and
+    exit 2; anything else as one line and exit 1 (``-v`` shows its traceback). Never a traceback otherwise."""
+    try:
+        _env_defaults()
+    except ValueError as exc:  # a bad MFHULL_THREADS
+        print(f"mfhull: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _clean_leftovers(args)
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"mfhull {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mfhull {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place where errors become messages
+        if args.verbose:
+            raise
+        print(f"mfhull {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _user_errors()) else 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error on one line; the type is named unless it is a plain ValueError/FileNotFoundError
+    (whose messages in this project name the item and the problem)."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    if isinstance(exc, (ValueError, FileNotFoundError, ConnectionError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -9,8 +9,18 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-class Secret(str):
-    """A string whose repr/str never shows its value (for API keys)."""
+class Secret:
+    """An API key that never shows its value: not a ``str``, so ``json.dumps``, ``"..." + key``, f-strings,
+    ``str``/``repr``, ``%`` and ``format`` all give ``********`` or raise ``TypeError``; only :meth:`reveal`
+    returns the value (to hand it to the client library)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        object.__setattr__(self, "_value", str(value.reveal() if isinstance(value, Secret) else value))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Secret is read-only")
 
     def __repr__(self) -> str:
         return "Secret('********')"
@@ -18,8 +28,29 @@ class Secret(str):
     def __str__(self) -> str:
         return "********"
 
+    def __format__(self, spec: str) -> str:
+        return "********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Secret:
+        return self
+
+    def __reduce__(self) -> tuple:
+        raise TypeError("a Secret cannot be pickled")
+
     def reveal(self) -> str:
-        return str.__str__(self)
+        return self._value
 
 
 def mp_api_key(env: dict[str, str] | None = None) -> Secret | None:

@@ -21,6 +21,7 @@ from pipeline.entries import row_to_entry
 from pipeline.frames import RecordError
 from pipeline.hull import build_reference_hull, e_above_hull, prediction_entry
 from pipeline.hull.phase_diagram import ReferenceHull
+from pipeline.relax import sanity
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.relaxer import RelaxSettings, relax_many
 from pipeline.report.writer import write_report
@@ -65,6 +66,50 @@ def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) ->
     return out
 
 
+def _reference_elements(references: pa.Table, fidelity: str) -> set[str]:
+    """Elements with an elemental reference phase at ``fidelity`` (a hull needs one for every element)."""
+    rows = references.select(["chemsys", "fidelity"]).to_pylist()
+    return {r["chemsys"] for r in rows if r["fidelity"] == fidelity and "-" not in (r["chemsys"] or "-")}
+
+
+def _failed_row(row: Mapping[str, Any] | str, error: str, fidelity: str, thermo_type: str) -> dict[str, Any]:
+    """A report row of a candidate that was not relaxed, with its reason."""
+    out: dict[str, Any] = {"candidate_id": row} if isinstance(row, str) else {
+        k: row[k] for k in ("candidate_id", "formula", "chemsys", "source", "origin")}
+    out.update(fidelity=fidelity, thermo_type=thermo_type, relax_status="not_relaxed", error=error)
+    return out
+
+
+def _mark_suspect(out: dict[str, Any], findings: list[sanity.Finding]) -> None:
+    """A suspect row keeps its predictions and says why in ``error`` ('suspect: ...'); its DFT E_hull moves to
+    ``meta`` so that it stays out of the metrics."""
+    if not findings:
+        return
+    out["error"] = f"suspect: {sanity.describe(findings)}"
+    meta = json.loads(out.get("meta") or "{}")
+    meta.update(suspect=True, e_hull_true_excluded=out.get("e_hull_true"))
+    out["meta"], out["e_hull_true"] = json.dumps(meta), None
+
+
+def failure_table(report: str | Path | pa.Table) -> str:
+    """Plain-text table of the failed and suspect candidates of a report (candidate, outcome, reason), and a
+    count line; 'all N candidates usable' when there are none."""
+    import pyarrow.parquet as pq
+
+    table = report if isinstance(report, pa.Table) else pq.read_table(report)
+    rows = [r for r in table.select(["candidate_id", "relax_status", "error"]).to_pylist() if r["error"]]
+    if not rows:
+        return f"screen: all {table.num_rows} candidates usable (no failures)"
+    width = min(40, max(len("candidate"), *(len(str(r["candidate_id"])) for r in rows)))
+    lines = [f"screen: {len(rows)} of {table.num_rows} candidates failed or suspect:",
+             f"{'candidate':<{width}}  {'outcome':<12}  reason"]
+    for r in rows:
+        outcome = "suspect" if r["error"].startswith("suspect:") else "failed"
+        reason = r["error"].removeprefix("suspect: ")
+        lines.append(f"{str(r['candidate_id'])[:width]:<{width}}  {outcome:<12}  {reason}")
+    return "\n".join(lines)
+
+
 def screen(
     candidates: pa.Table,
     references: pa.Table,
@@ -90,7 +135,20 @@ def screen(
     """
     out_dir = Path(out_dir)
     relax = relax or RelaxSettings()
-    cand_rows = candidates.to_pylist()
+    failed_rows = [_failed_row(r["record_id"], f"unreadable candidate: {r['error']}", fidelity, thermo_type)
+                   for r in candidate_rejects]
+    cand_rows = []
+    known = _reference_elements(references, fidelity)
+    for row in candidates.to_pylist():
+        foreign = sorted(set(row["chemsys"].split("-")) - known)
+        if foreign:
+            failed_rows.append(_failed_row(row, f"{row['origin']}: element(s) {', '.join(foreign)} have no "
+                                                f"elemental reference phase at fidelity {fidelity} in the "
+                                                "references", fidelity, thermo_type))
+        else:
+            cand_rows.append(row)
+    if not cand_rows:  # nothing to relax: the report holds every candidate with its reason
+        return write_report(failed_rows, out_dir, title=f"E_hull screening at {fidelity}: no usable candidate")
     systems = {r["chemsys"] for r in cand_rows}
     if chemsys is None:
         elements = sorted({el for s in systems for el in s.split("-")})
@@ -113,15 +171,27 @@ def screen(
     ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, role="reference",
                            out=relax_dir)
     model_energies = {r["candidate_id"]: r["energy"] for r in ref_relax.to_pylist() if r["energy"] is not None}
-    items = [(r["candidate_id"], Structure.from_dict(json.loads(r["structure"]))) for r in cand_rows]
+    volumes = sanity.reference_volume_range(getattr(e, "structure", None) for e in hull.entries)
+    items, suspect, usable = [], {}, []
+    for r in cand_rows:
+        structure = Structure.from_dict(json.loads(r["structure"]))
+        found = sanity.before_relaxation(structure, volumes)
+        if sanity.worst(found) == sanity.FAILED:
+            failed_rows.append(_failed_row(r, f"{r['origin']}: {sanity.describe(found)}", fidelity, thermo_type))
+            continue
+        suspect[r["candidate_id"]] = list(found)
+        usable.append(r)
+        items.append((r["candidate_id"], structure))
+    cand_rows = usable
     cand_relax = {r["candidate_id"]: r for r in relax_many(
         items, calc, relax, model_id=model_id, fidelity=fidelity, role="candidate", out=relax_dir).to_pylist()}
 
     predictions = []
     for cid, rel in cand_relax.items():
         if rel["energy"] is not None:
-            predictions.append(prediction_entry(cid, Structure.from_dict(json.loads(rel["structure"])),
-                                                energy=rel["energy"]))
+            relaxed = Structure.from_dict(json.loads(rel["structure"]))
+            suspect[cid] += sanity.after_relaxation(relaxed, volumes)
+            predictions.append(prediction_entry(cid, relaxed, energy=rel["energy"]))
     notes: list[str] = []
     try:
         hull_rows = e_above_hull(predictions, hull, model_energies=model_energies, fidelity=fidelity)
@@ -145,9 +215,9 @@ def screen(
         })
         if rel["status"] == "failed":
             out["error"] = f"relaxation failed: {rel['error']}"
+        else:
+            _mark_suspect(out, suspect[cid] + sanity.energy_findings(out.get("e_hull_pred_dft_hull")))
         report.append(out)
-    for rej in candidate_rejects:
-        report.append({"candidate_id": rej["record_id"], "fidelity": fidelity, "thermo_type": hull.thermo_type,
-                       "relax_status": "not_relaxed", "error": f"unreadable candidate: {rej['error']}"})
+    report.extend(failed_rows)
     return write_report(report, out_dir, model_id=model_id, data_snapshot_id=snapshot, reference_diagram=hull,
                         title=f"E_hull screening of {chemsys} at {fidelity} ({model_id})")

@@ -21,7 +21,7 @@ from pipeline.hull.candidates import (
     row_structure,
     substitute_prototypes,
 )
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 
 def _rocksalt(a: str = "Li", b: str = "F", lat: float = 4.0) -> Structure:

@@ -33,7 +33,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["import", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "o")]) == 0
     counts = json.loads(capsys.readouterr().out)[0]
     assert counts["rejects_written"] == 1  # kept with its error, not lost
-    assert read_table(tmp_path / "o" / "rejects").to_pylist()[0]["record_id"] == "notes.txt"
+    assert read_table(tmp_path / "o" / "rejects").to_pylist()[0]["record_id"] == str(tmp_path / "notes.txt")
     code = main(["hull", "--entries", str(tmp_path / "missing"), "--thermo-type", "R2SCAN", "--out",
                  str(tmp_path / "h.parquet")])
     assert code == 2 and "error" in capsys.readouterr().err

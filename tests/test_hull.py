@@ -22,7 +22,7 @@ from pipeline.hull import (
     build_reference_hulls,
     thermo_entries,
 )
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 pytestmark = pytest.mark.shared_data
 

@@ -20,7 +20,7 @@ from pipeline.hull import (
     model_reference_hull,
     prediction_entry,
 )
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 
 def _raw(formula: str, e_per_atom: float, entry_id: str) -> ComputedEntry:

@@ -43,7 +43,7 @@ def test_fit_recovers_synthetic_references():
 
 
 def _res_entries(path):
-    from pipeline.sources.res import read_res_entries
+    from pipeline.sources.files.res import read_res_entries
 
     entries, _ = read_res_entries(path)
     numbers = [[site.specie.Z for site in e.structure] for e in entries]

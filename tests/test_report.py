@@ -13,7 +13,7 @@ from pymatgen.core import Composition
 
 from pipeline.hull import R2SCAN, build_reference_hull, e_above_hull, prediction_entry
 from pipeline.report import REPORT_SCHEMA, SUMMARY_SCHEMA, ReportError, report_table, write_report
-from pipeline.sources.res import read_res_entries
+from pipeline.sources.files.res import read_res_entries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -25,7 +25,7 @@ MODALS = {"PBE": "pbe", "R2SCAN": "r2scan"}
 def structures(mp_file):
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from pipeline.sources.res import read_res_entries
+    from pipeline.sources.files.res import read_res_entries
 
     picked = []
     entries, _ = read_res_entries(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"))

@@ -7,8 +7,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
 
 from pipeline.frames import frames_table
-from pipeline.sources.asedb import import_ase_db, iter_ase_db
-from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
+from pipeline.sources.files.asedb import import_ase_db, iter_ase_db
+from pipeline.sources.files.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 THIN = "orb-models/10_thin_mp_traj_systems.db"
 PLAIN = "orb-models/10_mptraj_systems.db"

@@ -10,7 +10,7 @@ import pytest
 from monty.serialization import loadfn
 
 from pipeline.entries import entries_table, row_to_entry
-from pipeline.sources.entries_json import import_entries_json, read_entries_json
+from pipeline.sources.files.entries_json import import_entries_json, read_entries_json
 
 LI_FE_O = "emmet/Li-Fe-O.json.gz"
 ELEMENTS = "matbench-discovery/2023-02-07-mp-elemental-reference-entries.json.gz"

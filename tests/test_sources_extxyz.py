@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.frames import frames_table, row_to_atoms
-from pipeline.sources.extxyz import import_extxyz, iter_extxyz, split_frames
-from pipeline.sources.stress_check import mptrj_step_pairs, stress_sign_verdict
+from pipeline.sources.files.extxyz import import_extxyz, iter_extxyz, split_frames
+from pipeline.sources.files.stress_check import mptrj_step_pairs, stress_sign_verdict
 
 RANDOM = "mattersim/mptrj-random-1k.xyz"
 HIGH = "mattersim/mptrj-highest-stress-1k.xyz"

@@ -11,7 +11,7 @@ from ase.data import chemical_symbols
 
 from pipeline.entries import entries_table, row_to_entry
 from pipeline.frames import frames_table
-from pipeline.sources.matpes import import_matpes, import_mp_element_refs, voigt_kbar_to_ase
+from pipeline.sources.files.matpes import import_matpes, import_mp_element_refs, voigt_kbar_to_ase
 from pipeline.units import KBAR
 
 PBE = "matcalc/MatPES-PBE-Element-Refs.json.gz"
@@ -134,7 +134,7 @@ def test_mp_pbe_element_refs_are_gga_entries(mp_file):
 
 def test_mp_pbe_element_refs_match_matbench_references(mp_file):
     """Lowest MP-PBE polymorph energy == matbench-discovery's MP GGA elemental reference for most elements."""
-    from pipeline.sources.entries_json import import_entries_json
+    from pipeline.sources.files.entries_json import import_entries_json
 
     refs = {
         r["chemsys"]: r["energy_per_atom"]

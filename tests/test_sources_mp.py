@@ -25,7 +25,7 @@ from pipeline.sources.mp import (
     split_calc_type,
     top_systems,
 )
-from pipeline.sources.mp_client import (
+from pipeline.sources.mp.mp_client import (
     MPAuthError,
     MPResterClient,
     RetriesExhausted,
@@ -33,7 +33,7 @@ from pipeline.sources.mp_client import (
     call_with_retries,
     classify_error,
 )
-from pipeline.sources.taskdocs import IncompleteRecord, decode_hex_gz_bundle, import_vasprun
+from pipeline.sources.mp.taskdocs import IncompleteRecord, decode_hex_gz_bundle, import_vasprun
 
 SYSTEMS = ["Li-Fe-O", "Li-Ni-O", "Si", "O-Li"]  # O-Li is inside both ternaries: dropped
 THERMO = ("GGA_GGA+U", "R2SCAN")

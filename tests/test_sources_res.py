@@ -6,7 +6,7 @@ import tarfile
 from collections import Counter
 
 from pipeline.entries import entries_table, row_to_entry
-from pipeline.sources.res import import_res, read_res_entries, res_to_entry
+from pipeline.sources.files.res import import_res, read_res_entries, res_to_entry
 
 TAR = "mp-res_Li-Ni-O/Li-Ni-O.res.tar"
 

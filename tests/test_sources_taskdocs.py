@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.frames import RecordError, frames_table
-from pipeline.sources.taskdocs import (
+from pipeline.sources.mp.taskdocs import (
     IncompleteRecord,
     decode_hex_gz_bundle,
     final_step_energy,
@@ -117,7 +117,7 @@ def test_stress_sign_physics_on_relaxations(which, lu_vasprun, mp_file):
     sign (compression positive) left in, it would be positive. Checked on the r2SCAN relaxations of Lu
     (6 steps, anisotropic) and Si (3 steps).
     """
-    from pipeline.sources.taskdocs import vasprun_to_task_doc
+    from pipeline.sources.mp.taskdocs import vasprun_to_task_doc
 
     source = lu_vasprun if which == "lu" else read_vasprun(mp_file(SI_R2SCAN))
     rows, rejects = task_doc_frames(vasprun_to_task_doc(source, f"{which}-relax"))
@@ -214,7 +214,7 @@ def test_frame_ids_are_chronological_and_stable(mp_file):
 
 
 def test_task_ids_are_canonical():
-    from pipeline.sources.taskdocs import canonical_task_id
+    from pipeline.sources.mp.taskdocs import canonical_task_id
 
     assert canonical_task_id("mp-aaaffhdk") == canonical_task_id("mp-ffhdk") == "mp-ffhdk"
     assert canonical_task_id("mp-1201400") == "mp-1201400"

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from pipeline.entries import entries_table, row_to_entry
-from pipeline.sources.wbm import import_wbm
+from pipeline.sources.files.wbm import import_wbm
 
 WBM = "matcalc/wbm-random-pbe52-equilibrium-2025.1.json.gz"
 

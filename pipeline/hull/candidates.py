@@ -12,9 +12,11 @@ electronegative target element: anions stay anions), or every permutation.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import random
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,15 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Element, Structure
 from pymatgen.core.entries import ComputedStructureEntry
 from pymatgen.io.ase import AseAtomsAdaptor
-from pymatgen.io.cif import CifParser
+from pymatgen.io.cif import CifFile, CifParser
 
 from pipeline.entries import row_to_entry
 from pipeline.frames import RecordError
 from pipeline.hull.phase_diagram import chemsys_elements
 from pipeline.schema import CANDIDATES_SCHEMA
 from pipeline.sources.base import ImportResult
+from pipeline.sources.common import read_bytes
+from pipeline.sources.files.extxyz import split_frames
 
 SOURCE_FILE = "file"
 SOURCE_SUBSTITUTION = "substitution"
@@ -92,41 +96,98 @@ def row_structure(row: Mapping[str, Any]) -> Structure:
 _ID_KEYS = ("candidate_id", "material_id", "name", "id")
 
 
-def _structures_in_file(path: Path) -> list[tuple[str | None, Structure]]:
-    """(id from the file or None, structure) for each structure in a file."""
-    name = path.name.lower()
-    if name.endswith((".extxyz", ".xyz")):
-        frames = ase_read(path, index=":", format="extxyz")
-        out = []
-        for atoms in frames:
-            if not all(atoms.pbc):
-                raise RecordError(f"{path.name}: frame is not periodic in 3D")
+def _periodic_structure(atoms: Any, what: str) -> Structure:
+    if not all(atoms.pbc):
+        raise RecordError(f"{what} is not periodic in 3D (no cell or pbc=F): a candidate needs a crystal cell")
+    return AseAtomsAdaptor.get_structure(atoms)
+
+
+def _extxyz_structures(path: Path) -> list[tuple[str | None, Structure | Exception]]:
+    """One item per frame: a truncated or malformed frame is an error item, the frames around it still read."""
+    out: list[tuple[str | None, Structure | Exception]] = []
+    text = read_bytes(path).decode("utf-8", errors="strict")
+    for index, chunk in split_frames(io.StringIO(text)):
+        if isinstance(chunk, Exception):
+            out.append((None, chunk))
+            continue
+        try:
+            atoms = ase_read(io.StringIO(chunk), format="extxyz")
             fid = next((str(atoms.info[k]) for k in _ID_KEYS if k in atoms.info), None)
-            out.append((fid, AseAtomsAdaptor.get_structure(atoms)))
-        return out
+            out.append((fid, _periodic_structure(atoms, f"frame {index}")))
+        except Exception as exc:  # noqa: BLE001 - ASE raises several types for a bad frame
+            out.append((None, RecordError(f"frame {index}: not readable as extxyz ({_words(exc)})")))
+    return out
+
+
+def _cif_structures(path: Path) -> list[tuple[str | None, Structure | Exception]]:
+    """One item per CIF data block: a bad block is an error item (with pymatgen's warnings as the reason)."""
+    cif = CifFile.from_str(read_bytes(path).decode("utf-8", errors="replace"))
+    if not cif.data:
+        raise RecordError("no data_ block in the CIF file")
+    out: list[tuple[str | None, Structure | Exception]] = []
+    for name, block in cif.data.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                structures = CifParser.from_str(str(block)).parse_structures(primitive=False)
+                error = None if structures else "no structure"
+            except Exception as exc:  # noqa: BLE001 - pymatgen raises several types for a bad block
+                structures, error = [], _words(exc)
+        if error is not None:
+            why = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)))
+            out.append((None, RecordError(f"CIF block {name!r}: {why or error}")))
+        out.extend((None, s) for s in structures)
+    return out
+
+
+def _words(exc: BaseException) -> str:
+    """An exception as words: its message, with the type only when the message is empty or unhelpful."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if len(text) < 12 else text
+
+
+def _structures_in_file(path: Path) -> list[tuple[str | None, Structure | Exception]]:
+    """(id from the file or None, structure or the error of that one structure) for each structure in a file."""
+    name = path.name.lower()
+    if path.stat().st_size == 0:
+        raise RecordError("empty file")
+    if name.endswith((".extxyz", ".xyz", ".extxyz.gz", ".xyz.gz")):
+        return _extxyz_structures(path)
     if name.endswith((".cif", ".mcif")):
-        return [(None, s) for s in CifParser(path).parse_structures(primitive=False)]
+        return _cif_structures(path)
     if name.endswith((".json", ".json.gz")):
         obj = loadfn(path)
         items = obj if isinstance(obj, list) else [obj]
-        out = []
-        for item in items:
+        out: list[tuple[str | None, Structure | Exception]] = []
+        for i, item in enumerate(items):
             if isinstance(item, ComputedStructureEntry):
                 out.append((str(item.entry_id) if item.entry_id else None, item.structure))
             elif isinstance(item, Structure):
                 out.append((None, item))
             else:
-                raise RecordError(f"{path.name}: not a pymatgen Structure/ComputedStructureEntry ({type(item).__name__})")
+                out.append((None, RecordError(f"item {i} is not a pymatgen Structure/ComputedStructureEntry "
+                                              f"({type(item).__name__})")))
         return out
-    return [(None, Structure.from_file(path))]  # POSCAR, CONTCAR, *.vasp and the rest pymatgen recognises
+    try:
+        return [(None, Structure.from_file(path))]  # POSCAR, CONTCAR, *.vasp and the rest pymatgen recognises
+    except Exception as exc:  # noqa: BLE001 - pymatgen raises IndexError, ZeroDivisionError... for bad files
+        raise RecordError(f"not a readable structure file (CIF, POSCAR/CONTCAR/*.vasp, extxyz, pymatgen JSON): "
+                          f"{_words(exc)}") from None
 
 
 def read_candidate_files(paths: Iterable[str | Path]) -> ImportResult:
-    """CANDIDATES_SCHEMA rows of every structure in ``paths`` (files or folders); bad ones become rejects."""
+    """CANDIDATES_SCHEMA rows of every structure in ``paths`` (files or folders, dotfiles included); each file
+    or structure that cannot be read becomes a reject naming the file (and the structure's index), the rest are
+    kept."""
     result = ImportResult(SOURCE_FILE)
     files: list[Path] = []
     for p in map(Path, paths):
-        files.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+        if p.is_dir():
+            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
+        elif p.is_file():
+            files.append(p)
+        else:
+            result.reject(str(p), RecordError("no such file or folder"))
     seen: set[str] = set()
     for path in files:
         try:
@@ -134,18 +195,20 @@ def read_candidate_files(paths: Iterable[str | Path]) -> ImportResult:
             if not structures:
                 raise RecordError("no structure in file")
         except Exception as exc:  # noqa: BLE001 - every unreadable file is reported and skipped
-            result.reject(str(path), exc)
+            result.reject(str(path), exc if isinstance(exc, RecordError) else RecordError(_words(exc)))
             continue
         for i, (fid, structure) in enumerate(structures):
             cid = fid or (path.name if len(structures) == 1 else f"{path.name}:{i}")
             origin = str(path) if len(structures) == 1 else f"{path}:{i}"
             try:
+                if isinstance(structure, Exception):
+                    raise structure
                 if cid in seen:
                     raise RecordError(f"duplicate candidate_id {cid!r}")
                 result.rows.append(candidate_row(cid, structure, source=SOURCE_FILE, origin=origin))
                 seen.add(cid)
             except Exception as exc:  # noqa: BLE001
-                result.reject(origin, exc)
+                result.reject(origin, exc if isinstance(exc, RecordError) else RecordError(_words(exc)))
     return result
 
 

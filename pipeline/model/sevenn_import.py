@@ -8,6 +8,8 @@ nequip self-connection, linear readout, no biases); anything else raises ``Value
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 from ase.data import chemical_symbols
 from e3nn import o3
+from numpy._core.multiarray import _reconstruct as _np_reconstruct
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
@@ -43,9 +46,42 @@ def sevenn_checkpoint_path(name: str = "7net-mf-0") -> Path:
     return path
 
 
+#: The only globals a SevenNet checkpoint may name: numpy arrays in its config (measured with
+#: ``torch.serialization.get_unsafe_globals_in_checkpoint`` on SevenNet-0 and SevenNet-MF-0). Anything else
+#: (a function, a class with ``__reduce__``) is refused instead of run.
+_SEVENN_SAFE_GLOBALS: list[Any] = [
+    (_np_reconstruct, "numpy.core.multiarray._reconstruct"),
+    (_np_reconstruct, "numpy._core.multiarray._reconstruct"),
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8",
+                                   "bool", "complex128", "complex64")),
+]
+
+
 def load_sevenn_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a SevenNet checkpoint (a pickle with numpy arrays and torch objects: load trusted files only)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    """Read a SevenNet checkpoint with ``torch.load(weights_only=True)`` and an explicit allow-list of globals.
+
+    Nothing in the file is executed: a pickle naming any other global (a crafted payload) raises ``ValueError``
+    naming the file and the global; so do truncated or non-checkpoint files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SevenNet checkpoint {path}: no such file (shipped names: {', '.join(_PRETRAINED)})")
+    try:
+        with torch.serialization.safe_globals(_SEVENN_SAFE_GLOBALS):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", str(exc), re.IGNORECASE)
+        if found is None:
+            raise ValueError(f"SevenNet checkpoint {path}: not a readable torch checkpoint (corrupt pickle)") from exc
+        raise ValueError(f"SevenNet checkpoint {path}: refused, it names the global {found.group(1)}, which is not "
+                         "on the allow-list of safe globals (loading it could run code)") from exc
+    except Exception as exc:
+        raise ValueError(f"SevenNet checkpoint {path}: not a readable torch checkpoint "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(raw, dict) or "config" not in raw or "model_state_dict" not in raw:
+        raise ValueError(f"SevenNet checkpoint {path}: not a SevenNet checkpoint (no 'config'/'model_state_dict')")
+    return raw
 
 
 def _plain(value: Any) -> Any:

@@ -1,9 +1,11 @@
 """sources stage: importers of real file formats and MP data into the frames / entries Parquet schema.
 
 ``import_path(path, kind="auto")``, ``write_import(result, out_dir)`` and ``import_to_dataset(path, out_dir)``
-(streamed) from :mod:`pipeline.sources.files` are the entry points; each format has its own module (extxyz,
-asedb, entries_json, matpes, wbm, res, taskdocs, ...). They are re-exported lazily, so that importing one
-importer does not load all the others.
+(streamed) from :mod:`pipeline.sources.files` are the entry points. Modules are grouped by origin:
+:mod:`pipeline.sources.files` (extxyz, asedb, entries_json, matpes, wbm, res: files on disk) and
+:mod:`pipeline.sources.mp` (the mp-api ingestion, its client ``mp_client`` and MP task documents ``taskdocs``);
+``base`` and ``common`` are shared. They are re-exported lazily, so that importing one importer does not load
+all the others.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A stand-in for ``mp_api.client.MPRester`` that serves REAL recorded Materials Project data, with injectable faults.
 
-It has the methods :class:`pipeline.sources.mp_client.MPResterClient` calls, with mp-api's names, arguments and
+It has the methods :class:`pipeline.sources.mp.mp_client.MPResterClient` calls, with mp-api's names, arguments and
 return types (``get_entries_in_chemsys`` -> ComputedStructureEntry list, ``materials.search`` -> documents with
 ``material_id`` and ``calc_types``, ``materials.tasks.get_trajectory`` -> dumped emmet ``RelaxTrajectory``), and
 fails the way mp-api fails (``MPRestError`` carrying the HTTP status in its message, ``requests`` timeouts and
@@ -113,8 +113,8 @@ def _build_recorded_mp(shared: Path) -> RecordedMP:
     from pymatgen.analysis.compatibility import MaterialsProject2020Compatibility
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-    from pipeline.sources.res import read_res_entries
-    from pipeline.sources.taskdocs import decode_hex_gz_bundle, read_vasprun
+    from pipeline.sources.files.res import read_res_entries
+    from pipeline.sources.mp.taskdocs import decode_hex_gz_bundle, read_vasprun
 
     li_fe_o = MontyDecoder().process_decoded(_load_json_gz(shared / "emmet/Li-Fe-O.json.gz"))
     res_entries, _ = read_res_entries(shared / "mp-res_Li-Ni-O/Li-Ni-O.res.tar")
@@ -384,6 +384,6 @@ class FakeMPRester:
 
 def fake_client(shared: Path, **kwargs: Any):
     """An :class:`MPResterClient` over a :class:`FakeMPRester` (kwargs go to the fake)."""
-    from pipeline.sources.mp_client import MPResterClient
+    from pipeline.sources.mp.mp_client import MPResterClient
 
     return MPResterClient(FakeMPRester(data=recorded_mp(shared), **kwargs))

@@ -3,7 +3,7 @@
 Each record: ``material_id`` (``wbm-<step>-<n>``), ``structure`` (pymatgen dict), ``energy`` (raw total, eV),
 ``corrected_energy`` (after MP2020), formation energies per atom. The file gives the correction only as a
 total, so the entry is rebuilt the way MP builds its own: run type by MP's rule (GGA+U when a U element meets O
-or F, :func:`pipeline.sources.atoms_frames.mp_run_type`) with MP's U values, then pymatgen's
+or F, :func:`pipeline.sources.files.atoms_frames.mp_run_type`) with MP's U values, then pymatgen's
 ``MaterialsProject2020Compatibility`` (``check_potcar=False``: the file names no POTCARs). The resulting
 adjustments must reproduce the file's ``corrected_energy`` within 0.1 meV per cell, else the record is rejected,
 so that every imported entry carries the corrections the rest of the pipeline would compute. Rows are
@@ -27,10 +27,10 @@ from pymatgen.core.entries import ComputedStructureEntry
 
 from pipeline.entries import entry_to_row
 from pipeline.frames import RecordError
-from pipeline.sources.atoms_frames import mp_run_type
 from pipeline.sources.base import ImportResult, collect
 from pipeline.sources.common import failed_file, read_json, record_structure, require
-from pipeline.sources.res import MP_HUBBARD_U
+from pipeline.sources.files.atoms_frames import mp_run_type
+from pipeline.sources.files.res import MP_HUBBARD_U
 
 SOURCE = "wbm"
 

@@ -33,7 +33,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from pymatgen.core.entries import ComputedStructureEntry
 
 from pipeline.config import Secret, mp_api_key
-from pipeline.sources.taskdocs import IncompleteRecord, enum_text, field_value
+from pipeline.sources.mp.taskdocs import IncompleteRecord, enum_text, field_value
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,6 +52,40 @@ class MPAuthError(RuntimeError):
 
 class RetriesExhausted(RuntimeError):
     """A transient failure (rate limit, server error, timeout...) persisted through every retry."""
+
+
+class MPUnreachable(ConnectionError):
+    """The Materials Project (or the configured endpoint) did not answer in time or refused the connection."""
+
+
+#: Default limit of one network call (s). mp-api and requests call without a timeout (mp-api 0.46.5's
+#: heartbeat, every search), so a server that accepts and never answers would block forever.
+DEFAULT_TIMEOUT = 60.0
+
+
+def call_with_deadline(fn: Callable[[], T], timeout: float | None, what: str) -> T:
+    """``fn()`` run in a daemon thread; ``TimeoutError`` when it has not returned after ``timeout`` seconds.
+
+    Written by hand because neither requests nor mp-api bounds a call made without a ``timeout`` argument and
+    mp-api gives no way to pass one. The abandoned thread is a daemon: it cannot keep the process alive."""
+    if timeout is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"mp-call:{what}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(f"{what}: timed out after {timeout:g} s without an answer")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class MPClient(Protocol):
@@ -83,10 +117,12 @@ class MPResterClient:
         key: Secret | str | None = None,
         *,
         rester_factory: Callable[..., Any] | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         **kwargs: Any,
     ) -> MPResterClient:
         """Open an ``MPRester`` with ``key`` (default: MP_API_KEY). Raises :class:`MPAuthError` if it is missing
-        or refused. ``rester_factory`` defaults to ``mp_api.client.MPRester`` (tests pass a fake)."""
+        or refused, :class:`MPUnreachable` if the endpoint does not answer within ``timeout`` seconds or refuses
+        the connection. ``rester_factory`` defaults to ``mp_api.client.MPRester`` (tests pass a fake)."""
         key = key if key is not None else mp_api_key()
         if not key:
             raise MPAuthError(MISSING_KEY)
@@ -95,10 +131,16 @@ class MPResterClient:
             from mp_api.client import MPRester as rester_factory
         kwargs.setdefault("mute_progress_bars", True)
         try:
-            rester = rester_factory(api_key=plain, **kwargs)
+            rester = call_with_deadline(lambda: rester_factory(api_key=plain, **kwargs), timeout,
+                                        "connecting to the Materials Project")
         except Exception as exc:
-            if classify_error(exc) == "auth":
+            kind = classify_error(exc)
+            if kind == "auth":
                 raise MPAuthError(auth_message(exc, plain)) from None
+            if kind == "transient":
+                first = redact(str(exc), plain).strip().splitlines()
+                raise MPUnreachable(f"cannot reach the Materials Project ({type(exc).__name__}: "
+                                    f"{first[0][:200] if first else ''})") from None
             raise
         return cls(rester, secrets=(Secret(plain),))
 
@@ -219,6 +261,8 @@ class RetryPolicy:
     jitter: float = 0.5
     sleep: Callable[[float], None] = time.sleep
     seed: int | None = None
+    #: limit of each attempt (s), see :func:`call_with_deadline`; None waits forever
+    timeout: float | None = DEFAULT_TIMEOUT
     _rng: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
@@ -227,6 +271,8 @@ class RetryPolicy:
             raise ValueError("max_attempts must be >= 1")
         if not 0 <= self.jitter <= 1:
             raise ValueError("jitter must be in [0, 1]")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError("timeout must be > 0 seconds (or None)")
         self._rng = random.Random(self.seed)
 
     def delay(self, attempt: int) -> float:
@@ -245,7 +291,7 @@ def call_with_retries(
     """
     for attempt in range(policy.max_attempts):
         try:
-            return fn()
+            return call_with_deadline(fn, policy.timeout, what)
         except Exception as exc:
             kind = classify_error(exc)
             if kind == "auth":

@@ -7,7 +7,7 @@ For each chemical system (and its subsystems, as ``get_entries_in_chemsys`` retu
 2. the calc types of the materials of those entries -> the tasks to fetch: GGA / GGA+U / r2SCAN structure
    optimizations and statics (the tasks MPtrj was made of; see ``task_kinds``);
 3. each task's trajectory -> one frame per ionic step in ``<out>/frames`` (FRAMES_SCHEMA), via
-   :func:`pipeline.sources.taskdocs.trajectory_frames`.
+   :func:`pipeline.sources.mp.taskdocs.trajectory_frames`.
 
 Bad records go to ``<out>/rejects`` (REJECTS_SCHEMA) with their error. Every finished unit of work (one
 chemical system x thermo type, one batch of materials, one task) is recorded in ``<out>/state.json`` (written
@@ -44,7 +44,8 @@ from pipeline.entries import entries_table, entry_to_row, normalize_run_type
 from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
-from pipeline.sources.mp_client import (
+from pipeline.sources.mp.mp_client import (
+    DEFAULT_TIMEOUT,
     MPAuthError,
     MPClient,
     MPResterClient,
@@ -53,7 +54,7 @@ from pipeline.sources.mp_client import (
     call_with_retries,
     redact,
 )
-from pipeline.sources.taskdocs import trajectory_frames
+from pipeline.sources.mp.taskdocs import trajectory_frames
 
 log = logging.getLogger(__name__)
 
@@ -362,14 +363,17 @@ def ingest_mp(
     chemsystems: Iterable[str],
     out_dir: str | Path,
     client: MPClient | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
     **kwargs: Any,
 ) -> IngestReport:
     """Ingest MP entries and task trajectories of ``chemsystems`` into ``out_dir`` (see :class:`MPIngest`).
 
-    Without ``client`` an mp-api ``MPRester`` is opened with MP_API_KEY (:class:`MPAuthError` if unset).
-    """
+    Without ``client`` an mp-api ``MPRester`` is opened with MP_API_KEY (:class:`MPAuthError` if unset,
+    :class:`MPUnreachable` if it does not answer). ``timeout`` bounds every network call (s), also of the
+    retries of ``retry`` when none is given."""
     if client is None:
-        client = MPResterClient.from_key(mp_api_key())
+        client = MPResterClient.from_key(mp_api_key(), timeout=timeout)
+    kwargs.setdefault("retry", RetryPolicy(timeout=timeout))
     return MPIngest(out_dir, client, **kwargs).run(chemsystems)
 
 

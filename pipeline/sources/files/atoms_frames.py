@@ -20,7 +20,7 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from pipeline.frames import RecordError, atoms_to_frame_row
-from pipeline.sources.res import MP_HUBBARD_U
+from pipeline.sources.files.res import MP_HUBBARD_U
 
 MPTRJ_PREFIX = "mptrj"
 

@@ -67,28 +67,38 @@ def res_to_entry(text: str, name: str = "") -> ComputedStructureEntry:
     return ComputedStructureEntry(structure, energy, parameters=parameters, data=data, entry_id=entry_id)
 
 
-def iter_res(path: str | Path) -> Iterator[tuple[str, str]]:
-    """(name, text) of each ``.res`` in a file, a folder, or a tar archive."""
+def _decode(name: str, raw: bytes) -> str | RecordError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RecordError(f"not UTF-8 text (byte {exc.start}): not a .res file")
+
+
+def iter_res(path: str | Path) -> Iterator[tuple[str, str | RecordError]]:
+    """(name, text) of each ``.res`` in a file, a folder, or a tar archive; a file that cannot be decoded
+    yields a :class:`RecordError` in place of its text (it becomes a reject, the others carry on)."""
     path = Path(path)
     if path.is_dir():
         for p in sorted(path.rglob("*.res")):
-            yield p.name, p.read_text()
+            yield str(p.relative_to(path)), _decode(p.name, p.read_bytes())
     elif tarfile.is_tarfile(path):
         with tarfile.open(path) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
                 if member.isfile() and member.name.endswith(".res"):
                     fh = tar.extractfile(member)
                     if fh is not None:
-                        yield Path(member.name).name, fh.read().decode()
+                        yield Path(member.name).name, _decode(member.name, fh.read())
     else:
-        yield path.name, path.read_text()
+        yield path.name, _decode(path.name, path.read_bytes())
 
 
 def read_res_entries(path: str | Path) -> tuple[list[ComputedStructureEntry], ImportResult]:
     """Entries of every readable ``.res`` under ``path``; unreadable files become rejects."""
     entries: list[ComputedStructureEntry] = []
 
-    def convert(name: str, text: str) -> list[dict[str, Any]]:
+    def convert(name: str, text: str | RecordError) -> list[dict[str, Any]]:
+        if isinstance(text, RecordError):
+            raise text
         entry = res_to_entry(text, name)
         row = entry_to_row(entry, source=SOURCE, thermo_type="raw", meta={"file": name, "archive": str(path)})
         entries.append(entry)

@@ -25,7 +25,7 @@ import numpy as np
 from ase import Atoms
 
 from pipeline.frames import row_to_atoms
-from pipeline.sources.atoms_frames import MPTRJ_PREFIX
+from pipeline.sources.files.atoms_frames import MPTRJ_PREFIX
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Recognised sets (``source`` key of the frame's info line, as written by the matt
 * ``source=MPtrj``: Materials Project relaxation steps (VASP PBE / PBE+U, MP input sets) -> fidelity ``pbe``.
   ``mptrj_snapshot_id`` (``<task_id>-<calc_id>-<ionic_step>``) gives ``frame_id = mptrj:<snapshot id>``,
   task id and ionic step; ``mptrj_traj_id`` is the material id. MPtrj does not record GGA vs GGA+U per frame:
-  ``run_type`` follows MP's own rule (:func:`pipeline.sources.atoms_frames.mp_run_type`).
+  ``run_type`` follows MP's own rule (:func:`pipeline.sources.files.atoms_frames.mp_run_type`).
 * ``source=Alexandria``: Alexandria PBE frames -> fidelity ``alexandria-pbe``. Alexandria is a separate
   database computed with its own workflow: MP-compatible PBE(+U) parameters, but not MP's exact runs (code
   versions, k-point meshes, relaxation protocol), so its total energies are not guaranteed to sit on MP's
@@ -33,11 +33,11 @@ so no conversion is applied (``flip_stress=True`` exists for files that do not):
    pressure range -0.002 .. 0.004 eV/A^3, below the model's error); on its 26 frames with
    |pressure| > 0.006 eV/A^3 the pressure correlates +0.59 with the model (17/26 same sign): weaker, but
    it points the same way, and the file comes from the same writer with the same ``stress_unit`` key.
-2. Physics check (:mod:`pipeline.sources.stress_check`, tested in ``tests/test_sources_extxyz.py``): on the
+2. Physics check (:mod:`pipeline.sources.files.stress_check`, tested in ``tests/test_sources_extxyz.py``): on the
    10 pairs of consecutive ionic steps in ``mptrj-highest-stress-1k`` the energy change is better explained
    with the stress as labelled than flipped in 9 of 10 (median errors 4.4 vs 6.3 eV; these frames are far
    from equilibrium, so the first-order balance is rough). The same check on the orb-models MPtrj ASE db
-   (:mod:`pipeline.sources.asedb`) gives median errors 0.0004 eV as labelled vs 0.038 eV flipped.
+   (:mod:`pipeline.sources.files.asedb`) gives median errors 0.0004 eV as labelled vs 0.038 eV flipped.
 
 Observed, not fixed: in ``mptrj-highest-stress-1k`` the stress magnitudes of some relaxations (e.g.
 mp-675106, mp-675893) overstate the energy change along the trajectory by 4-10x (pressure ~0.8 eV/A^3 =
@@ -60,15 +60,15 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from pipeline.frames import RecordError
-from pipeline.sources.atoms_frames import (
+from pipeline.sources.base import ImportResult, collect
+from pipeline.sources.common import failed_file
+from pipeline.sources.files.atoms_frames import (
     check_units,
     content_frame_id,
     labelled_atoms_row,
     mptrj_fields,
     scalar_meta,
 )
-from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.common import failed_file
 
 SOURCE = "extxyz"
 

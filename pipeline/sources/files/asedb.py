@@ -2,7 +2,7 @@
 
 Rows are read with ``ase.db.connect``; ``row.toatoms()`` carries the labels (energy, forces, stress, magmoms)
 on a ``SinglePointCalculator``. ASE stores stress in its own convention (eV/A^3, tensile positive), and the
-shared files follow it. Evidence, from the physics check of :mod:`pipeline.sources.stress_check` on the
+shared files follow it. Evidence, from the physics check of :mod:`pipeline.sources.files.stress_check` on the
 five pairs of consecutive ionic steps of mp-1095441 (calc 1) in ``orb-models/10_thin_mp_traj_systems.db``:
 the energy change is explained with a median error of 0.0004 eV with the stress as stored and 0.038 eV with it
 flipped (stored sign better in 4 of 5 pairs; median stress work 0.019 eV). Tested in
@@ -27,14 +27,14 @@ from ase.db import connect
 from ase.db.row import AtomsRow
 
 from pipeline.frames import RecordError
-from pipeline.sources.atoms_frames import (
+from pipeline.sources.base import ImportResult, collect
+from pipeline.sources.common import failed_file
+from pipeline.sources.files.atoms_frames import (
     content_frame_id,
     labelled_atoms_row,
     mptrj_fields,
     scalar_meta,
 )
-from pipeline.sources.base import ImportResult, collect
-from pipeline.sources.common import failed_file
 
 SOURCE = "ase-db"
 
