@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import warnings
 
 import pyarrow.parquet as pq
@@ -37,7 +38,7 @@ FID = "gpaw-r2scan"
 
 @pytest.fixture(scope="module")
 def prefect_api():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=180):  # the default 30 s is too short on a loaded machine
         yield
 
 
@@ -147,3 +148,33 @@ def test_library_warnings_become_one_line(caplog):
         warnings.warn("other", RuntimeWarning, stacklevel=1)
     assert len(caplog.records) == 1
     assert "reading CIFs: 6 warnings (6 kinds)" in caplog.records[0].getMessage()
+
+
+def test_library_logs_reach_the_prefect_run(prefect_api):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    import flows  # noqa: F401 - routes pipeline.* loggers to Prefect
+
+    @task
+    def work() -> None:
+        logging.getLogger("pipeline.relax.relaxer").info("relaxation of X failed: test message")
+
+    @flow
+    def run() -> None:
+        work()
+
+    state = run(return_state=True)
+    for handler in logging.getLogger("pipeline").handlers:
+        if isinstance(handler, APILogHandler):
+            handler.flush()
+    messages: list[str] = []
+    for _ in range(30):  # the API log handler ships records in batches
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[state.state_details.flow_run_id])))
+        messages = [log.message for log in logs]
+        if any("relaxation of X failed: test message" in m for m in messages):
+            break
+        time.sleep(1)
+    assert any("relaxation of X failed: test message" in m for m in messages), messages
