@@ -178,3 +178,47 @@ def test_library_logs_reach_the_prefect_run(prefect_api):
             break
         time.sleep(1)
     assert any("relaxation of X failed: test message" in m for m in messages), messages
+
+
+def test_ingest_task_holds_the_mp_limit_takes_the_key_from_a_secret_block_and_never_retries_auth(
+        prefect_api, monkeypatch, tmp_path):
+    from prefect.blocks.system import Secret as SecretBlock
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows import tasks
+    from pipeline.sources.mp_client import MPResterClient
+
+    monkeypatch.delenv("MP_API_KEY", raising=False)
+    SecretBlock(value="k" * 32).save(tasks.MP_SECRET_BLOCK, overwrite=True)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=tasks.MP_LIMIT, limit=1))
+    seen: dict[str, object] = {"calls": 0}
+
+    class RejectingClient:
+        """Answers the first MP call with an auth error, recording the limit's slots and the key it was given."""
+
+        def thermo_entries(self, chemsys, thermo_type):
+            seen["calls"] += 1
+            with get_client(sync_client=True) as client:
+                seen["active"] = client.read_global_concurrency_limit_by_name(tasks.MP_LIMIT).active_slots
+            raise MPAuthError("MP API key rejected (401)")
+
+        material_calc_types = trajectory = thermo_entries
+
+    def from_key(key=None, **kwargs):
+        seen["key"] = key.reveal()
+        return RejectingClient()
+
+    monkeypatch.setattr(MPResterClient, "from_key", staticmethod(from_key))
+
+    @flow
+    def run() -> None:
+        tasks.ingest_mp(["Li-O"], str(tmp_path))
+
+    state = run(return_state=True)
+    assert state.is_failed()
+    assert seen["active"] == 1 and seen["key"] == "k" * 32  # one slot held; the key came from the Secret block
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert [(r.name.split("-")[0], r.run_count) for r in runs] == [("ingest", 1)]  # the auth error: no retry
