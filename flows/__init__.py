@@ -2,7 +2,7 @@
 
 Importing this package routes the library's loggers (``pipeline.*``: epochs, failed relaxations, rejected
 records) to the Prefect run logs, whatever the import order (PREFECT_LOGGING_EXTRA_LOGGERS only acts when it is
-set before Prefect configures logging).
+set before Prefect configures logging). Records logged outside any flow or task run are not sent.
 """
 
 import logging
@@ -10,16 +10,24 @@ import os
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 
-from prefect.logging.configuration import setup_logging  # noqa: F401 - configures Prefect's handlers
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
+
+
+class _InRunOnly(logging.Filter):
+    """Pass a record only inside a flow/task run (outside one Prefect would warn for every record)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, "flow_run_id", None) or FlowRunContext.get() or TaskRunContext.get())
 
 
 def route_library_logs(name: str = "pipeline") -> logging.Logger:
-    """Attach Prefect's API log handler (the handlers of its ``prefect.extra`` logger) to ``name``, once; records
-    logged inside a flow or task run then appear in that run's logs."""
+    """Attach one Prefect API log handler (run records only) to the logger ``name`` and let INFO through."""
     logger = logging.getLogger(name)
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_InRunOnly())
+        logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     return logger
