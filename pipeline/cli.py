@@ -7,6 +7,7 @@
     mfhull hull --entries DIR ...            reference hull table of one thermo type
     mfhull import-sevenn --out FILE          pretrained SevenNet-MF-0 (PBE + r2SCAN) as an mfhull checkpoint
     mfhull demo                              the offline demo (Prefect flow on the embedded API)
+    mfhull campaign --chemsys Li-Ni-O ...    ingest -> candidates -> model -> screen -> report (Prefect flow)
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _env_defaults() -> None:
     os.environ.setdefault("PREFECT_HOME", str(PROJECT_ROOT / ".prefect"))
     # the embedded API's 20 s start-up limit is too short on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # library loggers (epochs, failed relaxations, rejected records) reach the Prefect UI / run logs
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 
 
 def _print(obj: Any) -> None:
@@ -183,6 +186,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_campaign(args: argparse.Namespace) -> int:
+    from flows.campaign import campaign_flow
+
+    if not args.candidates and not args.substitute:
+        raise ValueError("give --candidates FILE/DIR... or --substitute (prototype substitution)")
+    summary = campaign_flow(
+        chemsys=args.chemsys, entries=args.entries, candidates=args.candidates, substitute=args.substitute,
+        prototypes=args.prototypes, truth=args.truth, checkpoint=args.checkpoint, model=args.model,
+        train=args.train, train_epochs=args.train_epochs, fidelities=args.fidelity,
+        model_fidelity=args.model_fidelity, thermo_types=dict(_parse_pairs(args.thermo_type, "--thermo-type")),
+        max_candidates=args.max_candidates, reference_window=args.reference_window, fmax=args.fmax, steps=args.steps, batch_size=args.batch_size,
+        dask_address=args.dask_address, dask_workers=args.dask_workers, device=args.device,
+        out_dir=str(args.out) if args.out else None,
+    )
+    _print(summary)
+    return 0
+
+
+def _parse_pairs(items: list[str] | None, option: str) -> list[tuple[str, str]]:
+    """['r2scan=R2SCAN'] -> [('r2scan', 'R2SCAN')]."""
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"{option} {item!r}: expected FIDELITY=THERMO_TYPE")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def add_campaign_parser(sub: Any) -> None:
+    from pipeline.cli_args import float_range, int_range
+
+    p = sub.add_parser(
+        "campaign", help="one screening campaign: ingest -> candidates -> model -> screen -> report (Prefect flow)",
+        description="Reference entries from --entries (or the Materials Project when MP_API_KEY is set and no "
+                    "--entries are given), candidates from --candidates files and/or --substitute, the model from "
+                    "--checkpoint, the pretrained --model, or --train; screened at each --fidelity. Output: "
+                    "OUT/screen-<fidelity>/ (report.parquet, summary.{json,md,parquet}, plots), "
+                    "OUT/campaign_summary.json. Re-runs reuse every unchanged step (Prefect cache on file content).")
+    p.add_argument("--chemsys", required=True, help="target chemical system, e.g. Li-Ni-O")
+    p.add_argument("--entries", nargs="+", default=None, metavar="PATH",
+                   help="reference entries: entry JSON / .res / task-doc files or an entries dataset folder "
+                        "(default: ingest from MP, which needs MP_API_KEY)")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="PATH",
+                   help="candidate structures: CIF/POSCAR/extxyz/pymatgen-JSON files or folders")
+    p.add_argument("--substitute", action="store_true",
+                   help="make candidates by prototype substitution into --chemsys (prototypes: --prototypes, "
+                        "default the reference entries)")
+    p.add_argument("--prototypes", nargs="+", default=None, metavar="PATH",
+                   help="entries files/datasets whose structures serve as prototypes for --substitute")
+    p.add_argument("--max-candidates", type=int_range(1), default=20,
+                   help="at most this many substituted candidates (seeded sample; default 20)")
+    p.add_argument("--truth", nargs="+", default=None, metavar="PATH",
+                   help="DFT entries of the candidates (files or dataset), for E_hull error metrics")
+    p.add_argument("--checkpoint", default=None, help="an mfhull checkpoint (.pt) to screen with")
+    p.add_argument("--model", default="7net-mf-0", choices=["7net-mf-0", "sevennet-mf-0"],
+                   help="pretrained model used when no --checkpoint / --train (needs the sevenn extra; "
+                        "converted once into models/7net-mf-0.pt)")
+    p.add_argument("--train", action="store_true",
+                   help="train a model on the ingested frames: on the gpu pool (deployment train/train-gpu) when "
+                        "PREFECT_API_URL is set, else here")
+    p.add_argument("--train-epochs", type=int_range(1), default=100, help="epochs for --train (default 100)")
+    p.add_argument("--fidelity", nargs="+", default=["r2scan"], metavar="FIDELITY",
+                   help="fidelities to screen at: r2scan, pbe, gpaw-r2scan, gpaw-pbe... (default r2scan)")
+    p.add_argument("--model-fidelity", default=None,
+                   help="the model's fidelity head to use for every --fidelity (default: the same name)")
+    p.add_argument("--thermo-type", action="append", metavar="FIDELITY=TYPE",
+                   help="thermo type of the reference hull per fidelity, one of R2SCAN, GGA_GGA+U, "
+                        "GGA_GGA+U_R2SCAN, raw (default: r2scan=R2SCAN, pbe=GGA_GGA+U, others raw)")
+    p.add_argument("--reference-window", type=float_range(0), default=0.1,
+                   help="reference phases within this E_hull (eV/atom) are relaxed too, for the all-model hull "
+                        "(default 0.1)")
+    p.add_argument("--fmax", type=float_range(0, low_open=True), default=0.05, help="relaxation force tolerance (eV/A, default 0.05)")
+    p.add_argument("--steps", type=int_range(1), default=300, help="relaxation step limit (default 300)")
+    p.add_argument("--batch-size", type=int_range(1), default=4, help="candidates per relaxation batch (Dask task)")
+    p.add_argument("--dask-address", default=os.environ.get("MFHULL_DASK_ADDRESS"),
+                   help="Dask scheduler address (tcp://host:8786) for the relaxation batches; default a "
+                        "LocalCluster ($MFHULL_DASK_ADDRESS)")
+    p.add_argument("--dask-workers", type=int_range(1), default=2,
+                   help="worker processes of the LocalCluster (one thread each; default 2)")
+    p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"), choices=["cpu", "cuda"],
+                   help="torch device for relaxation ($MFHULL_DEVICE, default cpu)")
+    p.add_argument("--out", default=None, type=Path,
+                   help="output folder (default: $MFHULL_REPORTS/campaign-<chemsys>)")
+    p.set_defaults(func=cmd_campaign)
+
+
 def _device(value: str) -> str:
     """cpu, cuda, cuda:N or mps (checked here; whether it is present is checked when the model is built)."""
     import re
@@ -202,10 +292,12 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.cli_args import existing_file, existing_path, float_range, int_range, out_dir, out_file
 
-    parser = _Parser(prog="mfhull", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipeline import __version__
+
+    parser = _Parser(prog="mfhull", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log progress (INFO) and show the full traceback of an unexpected error")
+    parser.add_argument("--version", action="version", version=f"mfhull {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     device_help = "torch device: cpu, cuda, cuda:N or mps (default: $MFHULL_DEVICE or cpu)"
 
@@ -286,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int_range(1, 100_000), default=None,
                    help="training epochs (>= 1; default: the demo's setting)")
     p.set_defaults(func=cmd_demo)
+    add_campaign_parser(sub)
     return parser
 
 
@@ -327,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.quiet import RunNameFilter
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RunNameFilter())
     try:
         _clean_leftovers(args)
         return args.func(args)

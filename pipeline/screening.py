@@ -110,6 +110,17 @@ def failure_table(report: str | Path | pa.Table) -> str:
     return "\n".join(lines)
 
 
+def near_hull_references(hull: ReferenceHull, window: float) -> list[tuple[str, Structure]]:
+    """(entry_id, structure) of the hull's entries within ``window`` eV/atom of it: the reference phases the
+    potential re-computes for the all-model hull."""
+    out = []
+    for entry in hull.entries:
+        structure = getattr(entry, "structure", None)
+        if structure is not None and hull.diagram.get_e_above_hull(entry, allow_negative=True) <= window:
+            out.append((str(entry.entry_id), structure))
+    return out
+
+
 def screen(
     candidates: pa.Table,
     references: pa.Table,
@@ -159,13 +170,7 @@ def screen(
     calc = MFPotentialCalculator.from_checkpoint(checkpoint, model_fidelity or fidelity, device=device)
     relax_dir = out_dir / "relaxations"
 
-    ref_items = []
-    for entry in hull.entries:
-        structure = getattr(entry, "structure", None)
-        if structure is None:
-            continue
-        if hull.diagram.get_e_above_hull(entry, allow_negative=True) <= reference_window:
-            ref_items.append((str(entry.entry_id), structure))
+    ref_items = near_hull_references(hull, reference_window)
     log.info("relaxing %d reference phases and %d candidates with %s at %s", len(ref_items), len(cand_rows),
              model_id, model_fidelity or fidelity)
     ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, role="reference",
