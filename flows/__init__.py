@@ -1,14 +1,15 @@
 """Thin Prefect flows over the pipeline library.
 
 Importing this package routes the library's loggers (``pipeline.*``: epochs, failed relaxations, rejected
-records) to the Prefect run logs, whatever the import order (PREFECT_LOGGING_EXTRA_LOGGERS only acts when it is
-set before Prefect configures logging). Records logged outside any flow or task run are not sent.
+records) to the Prefect run logs, whatever the import order, through one API handler that passes run records
+only. PREFECT_LOGGING_EXTRA_LOGGERS is deliberately not set by the library: it would also give ``pipeline.*``
+Prefect's console handler, bound to whatever stderr was when Prefect first configured logging, so plain CLI
+commands (``mfhull import``) would print through Prefect's formatter. Deployments may still set it.
 """
 
 import logging
 import os
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.steps import WorkerConfigError
-from pipeline.sources.mp_client import MPAuthError, RetriesExhausted
+from pipeline.sources.mp.mp_client import MPAuthError, RetriesExhausted
 
 #: Never retried by Prefect: auth (the key is wrong), bad input (same input, same error), and transient errors
 #: the MP client has already retried.

@@ -52,7 +52,7 @@ def ingest_mp(chemsys: list[str], out_dir: str) -> dict[str, Any]:
     from prefect.concurrency.sync import concurrency
 
     from pipeline.sources.mp import ingest_mp as run
-    from pipeline.sources.mp_client import MPResterClient
+    from pipeline.sources.mp.mp_client import MPResterClient
 
     with concurrency(MP_LIMIT, occupy=1):
         report = run(chemsys, out_dir, client=MPResterClient.from_key(mp_key()))

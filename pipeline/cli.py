@@ -34,7 +34,6 @@ def _env_defaults() -> None:
     # the embedded API's 20 s start-up limit is too short on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # library loggers (epochs, failed relaxations, rejected records) reach the Prefect UI / run logs
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 
 
 def _print(obj: Any) -> None:
@@ -290,9 +289,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipeline.cli_args import existing_file, existing_path, float_range, int_range, out_dir, out_file
-
     from pipeline import __version__
+    from pipeline.cli_args import existing_file, existing_path, float_range, int_range, out_dir, out_file
 
     parser = _Parser(prog="mfhull", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -418,8 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: the CLI owns the root logger. Importing Prefect gives root its rich console handler, bound to the
+    # stderr of that moment; library records would otherwise print through it (or fail on a closed stream).
+    # Prefect's own loggers keep their handlers, so flow-run lines still show.
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for handler in logging.getLogger().handlers:  # the level is the console's: flows route pipeline.* INFO to
+        handler.setLevel(level)                   # Prefect's run logs through a logger level of their own
     from pipeline.quiet import RunNameFilter
 
     for handler in logging.getLogger().handlers:
