@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from ase.io import read, write
-from pipeline.sources.mp.mp_client import MPAuthError, RetriesExhausted
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -31,6 +30,7 @@ from pipeline.config import PROJECT_ROOT
 from pipeline.io import read_table
 from pipeline.model import MFPotential, fit_element_references, preset, save_checkpoint
 from pipeline.quiet import summarised_warnings
+from pipeline.sources.mp.mp_client import MPAuthError, RetriesExhausted
 
 DEMO = PROJECT_ROOT / "data" / "demo"
 FID = "gpaw-r2scan"
@@ -182,11 +182,11 @@ def test_library_logs_reach_the_prefect_run(prefect_api):
 
 def test_ingest_task_holds_the_mp_limit_takes_the_key_from_a_secret_block_and_never_retries_auth(
         prefect_api, monkeypatch, tmp_path):
-    from pipeline.sources.mp.mp_client import MPResterClient
     from prefect.blocks.system import Secret as SecretBlock
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
     from flows import tasks
+    from pipeline.sources.mp.mp_client import MPResterClient
 
     monkeypatch.delenv("MP_API_KEY", raising=False)
     SecretBlock(value="k" * 32).save(tasks.MP_SECRET_BLOCK, overwrite=True)
