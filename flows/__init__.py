@@ -8,7 +8,6 @@ commands (``mfhull import``) would print through Prefect's formatter. Deployment
 """
 
 import logging
-import os
 
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
