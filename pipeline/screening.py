@@ -110,12 +110,14 @@ def screen(
             ref_items.append((str(entry.entry_id), structure))
     log.info("relaxing %d reference phases and %d candidates with %s at %s", len(ref_items), len(cand_rows),
              model_id, model_fidelity or fidelity)
-    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, role="reference",
-                           out=relax_dir)
+    mfid = model_fidelity or fidelity
+    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid,
+                           role="reference", out=relax_dir)
     model_energies = {r["candidate_id"]: r["energy"] for r in ref_relax.to_pylist() if r["energy"] is not None}
     items = [(r["candidate_id"], Structure.from_dict(json.loads(r["structure"]))) for r in cand_rows]
     cand_relax = {r["candidate_id"]: r for r in relax_many(
-        items, calc, relax, model_id=model_id, fidelity=fidelity, role="candidate", out=relax_dir).to_pylist()}
+        items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid, role="candidate",
+        out=relax_dir).to_pylist()}
 
     predictions = []
     for cid, rel in cand_relax.items():

@@ -58,7 +58,8 @@ def test_resume_skips_stored(tmp_path):
     items = [("a", _strained_al())]
     first = relax_many(items, EMT(), RelaxSettings(steps=20), model_id="m", fidelity="f", out=out)
     # a calculator that would fail proves the stored row is reused, not recomputed
-    again = relax_many(items + [("b", bulk("Cu"))], Exploding(), model_id="m", fidelity="f", out=out)
+    again = relax_many(items + [("b", bulk("Cu"))], Exploding(), RelaxSettings(steps=20), model_id="m", fidelity="f",
+                       out=out)
     assert again["energy"][0].as_py() == pytest.approx(first["energy"][0].as_py())
     assert again["status"].to_pylist()[1] == "failed"
     stored = read_table(out)
