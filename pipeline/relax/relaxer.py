@@ -62,16 +62,26 @@ def resolve_engine(calculator: Calculator, settings: RelaxSettings) -> str:
 
 def _base_row(candidate_id: str, structure: Structure | Atoms, *, model_id: str, fidelity: str,
               model_fidelity: str | None, role: str) -> dict[str, Any]:
-    initial = _to_structure(structure)
-    comp = initial.composition
-    return {
+    row: dict[str, Any] = {
         "candidate_id": str(candidate_id), "model_id": model_id, "fidelity": fidelity,
-        "model_fidelity": model_fidelity, "relax_key": "", "settings": None, "role": role,
-        "formula": comp.reduced_formula, "chemsys": comp.chemical_system,
-        "nsites": len(initial), "structure_initial": json.dumps(initial.as_dict()), "structure": None,
+        "model_fidelity": model_fidelity, "relax_key": "", "settings": None, "role": role, "structure": None,
         "energy": None, "energy_per_atom": None, "fmax": None, "smax": None, "n_steps": None,
         "status": "failed", "error": None, "wall_s": None,
     }
+    try:
+        initial = _to_structure(structure)
+    except Exception as exc:  # noqa: BLE001 - e.g. a singular cell: describe it from the Atoms, fail the row
+        atoms = _to_atoms(structure)
+        symbols = sorted(set(atoms.get_chemical_symbols()))
+        row.update(formula=atoms.get_chemical_formula(mode="metal", empirical=True), chemsys="-".join(symbols),
+                   nsites=len(atoms), error=f"unusable structure: {type(exc).__name__}: {exc}",
+                   structure_initial=json.dumps({"numbers": atoms.numbers.tolist(), "cell": atoms.cell.array.tolist(),
+                                                 "positions": atoms.positions.tolist(), "pbc": atoms.pbc.tolist()}))
+        return row
+    comp = initial.composition
+    row.update(formula=comp.reduced_formula, chemsys=comp.chemical_system, nsites=len(initial),
+               structure_initial=json.dumps(initial.as_dict()))
+    return row
 
 
 def _ase_relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) -> RelaxResult:
@@ -94,12 +104,14 @@ def _ase_relax(atoms: Atoms, calculator: Calculator, settings: RelaxSettings) ->
     opt.attach(guard, interval=1)
     converged = bool(opt.run(fmax=settings.fmax, steps=settings.steps))
     optimizable = opt.optimizable
-    return RelaxResult(
+    result = RelaxResult(
         0, "converged" if converged else "not_converged", atoms=atoms,
         energy=float(atoms.get_potential_energy()),
         fmax=float(optimizable.gradient_norm(optimizable.get_gradient())),
         smax=float(np.abs(atoms.get_stress()).max()) if relax_cell else None, n_steps=int(opt.nsteps),
     )
+    atoms.set_constraint()  # the symmetry constraint is not part of the result
+    return result
 
 
 def _fill(row: dict[str, Any], result: RelaxResult) -> dict[str, Any]:
@@ -130,6 +142,9 @@ def relax_structure(
     atoms = _to_atoms(structure)
     row["settings"] = json.dumps(settings.result_settings("ase"), sort_keys=True)
     row["relax_key"] = relax_key(atoms, model_id, model_fidelity or fidelity, settings.result_settings("ase"))
+    if row["error"] is not None:
+        row["wall_s"] = time.perf_counter() - start
+        return row
     try:
         result = _ase_relax(atoms, calculator, settings)
     except Exception as exc:  # noqa: BLE001 - a failed structure is a row with its error
@@ -171,7 +186,10 @@ def relax_many(
             rows.append({**stored, "candidate_id": row["candidate_id"], "role": role, "fidelity": fidelity})
             continue
         rows.append(row)
-        todo.append((len(rows) - 1, atoms))
+        if row["error"] is None:
+            todo.append((len(rows) - 1, atoms))
+        elif store is not None:
+            store.add([row])
     bar = progress(total=len(todo), desc=f"relax ({engine})", unit="structure")
     try:
         if engine == "batched":
