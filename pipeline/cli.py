@@ -98,7 +98,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         candidates_table(cands.rows), read_table(args.references, ENTRIES_SCHEMA), checkpoint=args.checkpoint,
         thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
         out_dir=args.out, truth=read_table(args.truth, ENTRIES_SCHEMA) if args.truth else None,
-        candidate_rejects=cands.rejects, relax=RelaxSettings(fmax=args.fmax, steps=args.steps),
+        candidate_rejects=cands.rejects, relax=RelaxSettings(fmax=args.fmax, steps=args.steps, engine=args.relax_engine,
+                                                            max_atoms=args.batch_atoms),
         device=args.device,
     )
     _print({k: str(v) for k, v in files.items()})
@@ -181,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", default=None, help="entries dataset with DFT energies of the candidates")
     p.add_argument("--out", required=True)
     p.add_argument("--fmax", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--relax-engine", default="auto", choices=["auto", "batched", "ase"],
+                   help="batched FIRE relaxer or the ASE reference path (auto: batched)")
+    p.add_argument("--batch-atoms", type=int, default=512, help="atoms per batch of the batched relaxer")
     p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
     p.set_defaults(func=cmd_screen)
 

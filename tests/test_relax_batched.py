@@ -132,3 +132,27 @@ def test_frechet_adjoint_matches_scipy():
                       for n in range(3)] for m in range(3)])
     got = _expm_frechet_adjoint(torch.tensor(x)[None], torch.tensor(g)[None])[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_same_answers_as_ase_at_matbench_settings(model, structures):
+    """fmax 0.05 eV/A and a 60-step cap on the 20 structures (small model): flags, steps and energies agree."""
+    settings = {"fmax": 0.05, "steps": 60}
+    calc = MFPotentialCalculator(model, "pbe")
+    ase = relax_many(structures, calc, RelaxSettings(engine="ase", **settings))
+    _compare(ase, relax_many(structures, calc, RelaxSettings(engine="batched", **settings)), energy_tol=1e-3)
+
+
+@pytest.mark.slow
+def test_same_answers_as_ase_with_mf0(mp_file):
+    """SevenNet-MF-0 imported into mfhull (r2SCAN head, float32), 20 perturbed Li-Ni-O structures of 1-8 atoms,
+    matbench-discovery settings (fmax 0.05, 500 steps): same converged flags, energies within 1 meV/atom."""
+    pytest.importorskip("sevenn")
+    from pipeline.model import import_sevenn
+
+    items = perturbed_mp_structures(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"), 20, max_atoms=8, seed=0)
+    calc = MFPotentialCalculator(import_sevenn("7net-mf-0", fidelity_name="r2scan"), "r2scan")
+    ase = relax_many(items, calc, RelaxSettings(engine="ase"))
+    batched = relax_many(items, calc, RelaxSettings(engine="batched"))
+    _compare(ase, batched, energy_tol=1e-3)
+    assert sum(r["status"] == "converged" for r in batched.to_pylist()) >= 15
