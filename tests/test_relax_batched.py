@@ -156,3 +156,13 @@ def test_same_answers_as_ase_with_mf0(mp_file):
     batched = relax_many(items, calc, RelaxSettings(engine="batched"))
     _compare(ase, batched, energy_tol=1e-3)
     assert sum(r["status"] == "converged" for r in batched.to_pylist()) >= 15
+
+
+def test_non_periodic_structures_relax_positions_only(model):
+    mol = Atoms("LiO", positions=[[0, 0, 0], [0, 0, 1.9]], pbc=False)
+    kw = {"fmax": 0.05, "steps": 30}
+    calc = MFPotentialCalculator(model, "pbe")
+    ase = relax_many([("m", mol)], calc, RelaxSettings(engine="ase", **kw))
+    got = relax_many([("m", mol)], calc, RelaxSettings(engine="batched", **kw))
+    _compare(ase, got, energy_tol=1e-9)
+    assert got["smax"][0].as_py() is None and got["n_steps"][0].as_py() == ase["n_steps"][0].as_py()
