@@ -123,7 +123,7 @@ def atom_steps(rows: list[dict]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--n", type=int, nargs="+", default=[32, 128], help="set sizes (0: no relaxations)")
     parser.add_argument("--models", nargs="+", default=["small", "mf0"], choices=["small", "mf0"])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--fmax", type=float, default=0.05)
@@ -144,6 +144,8 @@ def main() -> None:
     for name in args.models:
         model = load_model(name)
         for n in args.n:
+            if n == 0:  # memory only
+                continue
             items = perturbed_mp_structures(tar, n, max_atoms=args.size_cap, seed=0)
             common = {"fmax": args.fmax, "steps": args.steps, "max_atoms": args.max_atoms}
             t_ase, ase = run_ours(items, model, RelaxSettings(engine="ase", **common))
