@@ -145,12 +145,12 @@ def test_same_answers_as_ase_at_matbench_settings(model, structures):
 
 @pytest.mark.slow
 def test_same_answers_as_ase_with_mf0(mp_file):
-    """SevenNet-MF-0 imported into mfhull (r2SCAN head, float32), 20 perturbed Li-Ni-O structures of 1-8 atoms,
+    """SevenNet-MF-0 imported into mfhull (r2SCAN head, float32), 20 perturbed Li-Ni-O structures of 1-4 atoms,
     matbench-discovery settings (fmax 0.05, 500 steps): same converged flags, energies within 1 meV/atom."""
     pytest.importorskip("sevenn")
     from pipeline.model import import_sevenn
 
-    items = perturbed_mp_structures(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"), 20, max_atoms=8, seed=0)
+    items = perturbed_mp_structures(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"), 20, max_atoms=4, seed=0)
     calc = MFPotentialCalculator(import_sevenn("7net-mf-0", fidelity_name="r2scan"), "r2scan")
     ase = relax_many(items, calc, RelaxSettings(engine="ase"))
     batched = relax_many(items, calc, RelaxSettings(engine="batched"))
