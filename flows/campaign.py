@@ -52,7 +52,7 @@ def campaign_flow(
     max_candidates: int = 20,
     reference_window: float = 0.1,
     fmax: float = 0.05,
-    steps: int = 300,
+    steps: int = 500,
     batch_size: int = 4,
     dask_address: str | None = None,
     dask_workers: int = 2,

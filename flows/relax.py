@@ -52,7 +52,7 @@ def dask_runner(address: str | None = None, n_workers: int = 2, threads_per_work
 def relax_batches_flow(candidates_path: str, references_dir: str | None, batches: dict[str, list[list[str]]],
                        checkpoint: str, fidelity: str, relax_dir: str, thermo_type: str = "raw",
                        reference_window: float = 0.1, model_fidelity: str | None = None, fmax: float = 0.05,
-                       steps: int = 300, device: str = "cpu") -> dict[str, dict[str, int]]:
+                       steps: int = 500, device: str = "cpu") -> dict[str, dict[str, int]]:
     """Submit one relax-batch task per batch ({role: [[id...]...]}) to the flow's task runner; status counts
     per role."""
     futures = [(role, tasks.relax_batch.submit(

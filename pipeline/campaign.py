@@ -176,7 +176,7 @@ def relax_batch(
     role: str = "candidate",
     model_fidelity: str | None = None,
     fmax: float = 0.05,
-    steps: int = 300,
+    steps: int = 500,
     device: str = "cpu",
 ) -> dict[str, int]:
     """Relax (id, structure) items into the relaxation store ``relax_dir`` (the one

@@ -136,7 +136,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
         candidates_table(cands.rows), references, checkpoint=args.checkpoint,
         thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
         out_dir=args.out, truth=truth, candidate_rejects=cands.rejects,
-        relax=RelaxSettings(fmax=args.fmax, steps=args.steps), device=args.device,
+        relax=RelaxSettings(fmax=args.fmax, steps=args.steps, engine=args.relax_engine, max_atoms=args.batch_atoms),
+        device=args.device,
     )
     _print({k: str(v) for k, v in files.items()})
     print(failure_table(files["report"]), file=sys.stderr)
@@ -258,7 +259,8 @@ def add_campaign_parser(sub: Any) -> None:
                    help="reference phases within this E_hull (eV/atom) are relaxed too, for the all-model hull "
                         "(default 0.1)")
     p.add_argument("--fmax", type=float_range(0, low_open=True), default=0.05, help="relaxation force tolerance (eV/A, default 0.05)")
-    p.add_argument("--steps", type=int_range(1), default=300, help="relaxation step limit (default 300)")
+    p.add_argument("--steps", type=int_range(1), default=500,
+                   help="relaxation step limit (default 500, as matbench-discovery)")
     p.add_argument("--batch-size", type=int_range(1), default=4, help="candidates per relaxation batch (Dask task)")
     p.add_argument("--dask-address", default=os.environ.get("MFHULL_DASK_ADDRESS"),
                    help="Dask scheduler address (tcp://host:8786) for the relaxation batches; default a "
@@ -349,9 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entries dataset with DFT energies of the candidates (for metrics)")
     p.add_argument("--out", required=True, type=out_dir, help="report folder")
     p.add_argument("--fmax", type=float_range(0, 100, low_open=True), default=0.05,
-                   help="force convergence of the relaxation, eV/Angstrom (> 0; default: 0.05)")
-    p.add_argument("--steps", type=int_range(0, 1_000_000), default=300,
-                   help="optimizer step limit per structure (>= 0; 0 = single point; default: 300)")
+                   help="force convergence of the relaxation, eV/Angstrom (> 0; default: 0.05, as matbench-discovery)")
+    p.add_argument("--steps", type=int_range(0, 1_000_000), default=500,
+                   help="optimizer step limit per structure (>= 0; 0 = single point; default: 500)")
+    p.add_argument("--relax-engine", default="auto", choices=["auto", "batched", "ase"],
+                   help="batched FIRE relaxer or the ASE reference path (auto: batched)")
+    p.add_argument("--batch-atoms", type=int_range(1), default=512,
+                   help="atoms per batch of the batched relaxer (memory budget; default: 512)")
     p.add_argument("--device", type=_device, default=os.environ.get("MFHULL_DEVICE", "cpu"), help=device_help)
     p.set_defaults(func=cmd_screen)
 

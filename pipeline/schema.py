@@ -97,7 +97,11 @@ RELAXATIONS_SCHEMA = pa.schema(
     [
         _f("candidate_id", pa.string(), "Id of the relaxed structure (candidate or reference phase).", False),
         _f("model_id", pa.string(), "Id of the potential (checkpoint name + hash) that relaxed it.", False),
-        _f("fidelity", pa.string(), "Fidelity the potential was asked for.", False),
+        _f("fidelity", pa.string(), "Fidelity of the run (the reference data's fidelity in a screening).", False),
+        _f("model_fidelity", pa.string(), "Fidelity head of the potential that relaxed it (null: same as fidelity)."),
+        _f("relax_key", pa.string(), "Content key: sha256 of the input structure + model_id + model fidelity + "
+           "settings; a stored row is reused only when this matches.", False),
+        _f("settings", pa.string(), "JSON of the relaxation settings (engine, optimizer, fmax, steps, ...)."),
         _f("role", pa.string(), "'candidate' or 'reference' (a reference phase re-computed by the model).", False),
         _f("formula", pa.string(), "Reduced formula.", False),
         _f("chemsys", pa.string(), "Sorted elements joined by '-'.", False),
@@ -106,7 +110,8 @@ RELAXATIONS_SCHEMA = pa.schema(
         _f("structure", pa.string(), "pymatgen Structure JSON after relaxation; null if it failed."),
         _f("energy", pa.float64(), "Model total energy of the relaxed cell (eV); null if it failed."),
         _f("energy_per_atom", pa.float64(), "Model energy per atom (eV/atom); null if it failed."),
-        _f("fmax", pa.float64(), "Largest residual atomic force at the end (eV/Angstrom)."),
+        _f("fmax", pa.float64(), "Convergence measure at the end (eV/Angstrom): largest row norm of the forces the "
+           "optimizer sees (atoms and, with the cell filter, the Frechet cell forces); converged means < settings fmax."),
         _f("smax", pa.float64(), "Largest residual stress component at the end (eV/Angstrom^3)."),
         _f("n_steps", pa.int32(), "Optimizer steps taken."),
         _f("status", pa.string(), "'converged', 'not_converged' (step limit reached) or 'failed'.", False),
@@ -194,7 +199,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "frames": ("frame_id",),
     "entries": ("entry_id", "thermo_type"),
     "rejects": ("record_id", "source"),
-    "relaxations": ("candidate_id", "model_id", "fidelity"),
+    "relaxations": ("candidate_id", "relax_key"),
     "candidates": ("candidate_id",),
     "report": ("candidate_id",),
 }

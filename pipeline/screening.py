@@ -173,8 +173,9 @@ def screen(
     ref_items = near_hull_references(hull, reference_window)
     log.info("relaxing %d reference phases and %d candidates with %s at %s", len(ref_items), len(cand_rows),
              model_id, model_fidelity or fidelity)
-    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, role="reference",
-                           out=relax_dir)
+    mfid = model_fidelity or fidelity
+    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid,
+                           role="reference", out=relax_dir)
     model_energies = {r["candidate_id"]: r["energy"] for r in ref_relax.to_pylist() if r["energy"] is not None}
     volumes = sanity.reference_volume_range(getattr(e, "structure", None) for e in hull.entries)
     items, suspect, usable = [], {}, []
@@ -189,7 +190,8 @@ def screen(
         items.append((r["candidate_id"], structure))
     cand_rows = usable
     cand_relax = {r["candidate_id"]: r for r in relax_many(
-        items, calc, relax, model_id=model_id, fidelity=fidelity, role="candidate", out=relax_dir).to_pylist()}
+        items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid, role="candidate",
+        out=relax_dir).to_pylist()}
 
     predictions = []
     for cid, rel in cand_relax.items():
