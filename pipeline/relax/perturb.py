@@ -25,10 +25,10 @@ def perturb(atoms: Atoms, rng: np.random.Generator, rattle: float = 0.05, strain
 
 def perturbed_mp_structures(res_tar: str | Path, n: int, *, max_atoms: int = 64, seed: int = 0,
                             run_type: str | None = None) -> list[tuple[str, Atoms]]:
-    """``n`` perturbed structures (id, atoms) from an MP .res tar (``pipeline.sources.res``), one per material,
+    """``n`` perturbed structures (id, atoms) from an MP .res tar (``pipeline.sources.files.res``), one per material,
     sizes mixed: taken in turn from the small and the large end of the size-sorted list (at most ``max_atoms``).
     Cycles through the materials with new perturbations when ``n`` exceeds their number."""
-    from pipeline.sources.res import read_res_entries
+    from pipeline.sources.files.res import read_res_entries
 
     entries, _ = read_res_entries(res_tar)
     seen: dict[str, Atoms] = {}
