@@ -99,7 +99,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
         out_dir=args.out, truth=read_table(args.truth, ENTRIES_SCHEMA) if args.truth else None,
         candidate_rejects=cands.rejects, relax=RelaxSettings(fmax=args.fmax, steps=args.steps),
-        device=args.device,
+        reference_window=args.reference_window, device=args.device,
     )
     _print({k: str(v) for k, v in files.items()})
     return 0
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--reference-window", type=float, default=None,
+                   help="recompute reference phases within this many eV/atom of the DFT hull with the model, for "
+                        "the all-model hull (default: all of them when there are <= 50, else 0.1)")
     p.add_argument("--device", default=os.environ.get("MFHULL_DEVICE", "cpu"))
     p.set_defaults(func=cmd_screen)
 

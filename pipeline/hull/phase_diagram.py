@@ -78,7 +78,8 @@ class ReferenceHull:
         return decomp, float(e_hull)
 
     def e_above_hull_table(self) -> pa.Table:
-        """One row per reference entry: id, formula, energy per atom, formation energy, E_hull, stability."""
+        """One row per reference entry: id, formula, energy per atom, formation energy, ``e_hull`` (eV/atom, the
+        report tables' e_hull_* naming), stability."""
         rows = []
         stable = self.stable_entry_ids()
         for e in self.entries:
@@ -89,7 +90,7 @@ class ReferenceHull:
                 "chemsys": chemsys_of(e),
                 "energy_per_atom": float(e.energy_per_atom),
                 "formation_energy_per_atom": float(self.diagram.get_form_energy_per_atom(e)),
-                "e_above_hull": e_hull,
+                "e_hull": e_hull,
                 "is_stable": str(e.entry_id) in stable,
                 "decomposition": decomposition_json(decomp),
             })

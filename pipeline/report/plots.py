@@ -46,42 +46,91 @@ def _finite(x: Any) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def parity_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], threshold: float = 0.0) -> Path:
-    """Predicted vs DFT E_hull, one series per hull; without DFT values, all-model vs DFT-hull predictions."""
-    fig = Figure(figsize=(5.2, 5))
+def _label_outliers(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Sequence[str], n: int) -> None:
+    """Annotate the ``n`` points farthest from y = x with their names."""
+    worst = sorted(range(len(xs)), key=lambda i: -abs(ys[i] - xs[i]))[:n]
+    for i in worst:
+        ax.annotate(names[i], (xs[i], ys[i]), xytext=(4, -10), textcoords="offset points", fontsize=7,
+                    color="0.2")
+
+
+def parity_plot(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], threshold: float = 0.0,
+    subtitle: str | None = None, n_outliers: int = 5,
+) -> Path:
+    """Predicted vs DFT E_hull (eV/atom), one series per hull, the ``n_outliers`` worst points labelled with their
+    formula; without DFT values, all-model vs DFT-hull predictions."""
+    fig = Figure(figsize=(6, 5.6))
     ax = fig.add_subplot()
     has_true = any(_finite(r.get("e_hull_true")) for r in rows)
     points: list[float] = []
     if has_true:
         for kind, col in HULL_COLUMNS.items():
-            pairs = [(r["e_hull_true"], r[col]) for r in rows if _finite(r.get("e_hull_true")) and _finite(r.get(col))]
-            if not pairs:
+            sel = [r for r in rows if _finite(r.get("e_hull_true")) and _finite(r.get(col))]
+            if not sel:
                 continue
-            t, p = map(list, zip(*pairs, strict=True))
-            mae = regression_metrics(t, p)["mae"]
-            ax.scatter(t, p, s=18, alpha=0.75, label=f"{HULL_LABELS[kind]} (n={len(t)}, MAE={mae:.3f})")
+            t, p = [r["e_hull_true"] for r in sel], [r[col] for r in sel]
+            mae = regression_metrics(t, p)["MAE"]
+            ax.scatter(t, p, s=18, alpha=0.75, label=f"{HULL_LABELS[kind]} (n={len(t)}, MAE={mae:.3f} eV/atom)")
+            _label_outliers(ax, t, p, [r.get("formula") or r["candidate_id"] for r in sel], n_outliers)
             points += t + p
         ax.set_xlabel("DFT E_hull (eV/atom)")
         ax.set_ylabel("predicted E_hull (eV/atom)")
-        ax.set_title("E_hull parity")
+        ax.set_title("E_hull parity" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     else:
-        pairs = [(r["e_hull_pred_dft_hull"], r["e_hull_pred_model_hull"]) for r in rows
-                 if _finite(r.get("e_hull_pred_dft_hull")) and _finite(r.get("e_hull_pred_model_hull"))]
-        if pairs:
-            x, y = map(list, zip(*pairs, strict=True))
+        sel = [r for r in rows if _finite(r.get("e_hull_pred_dft_hull")) and _finite(r.get("e_hull_pred_model_hull"))]
+        if sel:
+            x, y = [r["e_hull_pred_dft_hull"] for r in sel], [r["e_hull_pred_model_hull"] for r in sel]
             ax.scatter(x, y, s=18, alpha=0.75, label=f"candidates (n={len(x)})")
+            _label_outliers(ax, x, y, [r.get("formula") or r["candidate_id"] for r in sel], n_outliers)
             points += x + y
         ax.set_xlabel("predicted E_hull vs DFT reference hull (eV/atom)")
         ax.set_ylabel("predicted E_hull vs all-model hull (eV/atom)")
-        ax.set_title("E_hull: DFT hull vs all-model hull (no DFT E_hull known)")
+        ax.set_title("E_hull: DFT hull vs all-model hull (no DFT E_hull known)"
+                     + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     lo, hi = (min(points), max(points)) if points else (-0.1, 0.1)
-    pad = 0.05 * (hi - lo) + 1e-3
+    pad = 0.08 * (hi - lo) + 1e-3
     ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.4", lw=1, ls="--", label="y = x")
     ax.axvline(threshold, color="0.7", lw=0.8)
     ax.axhline(threshold, color="0.7", lw=0.8)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_ylim(lo - pad, hi + pad)
     ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, path)
+
+
+def e_hull_strip_plot(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str | None = None,
+    threshold: float = 0.0,
+) -> Path:
+    """E_hull of every candidate by composition (one strip per reduced formula) for systems with more than 4
+    elements, where no phase diagram can be drawn: vs DFT hull (circles), vs all-model hull (triangles) and the
+    DFT value (crosses) when known."""
+    by_formula: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("formula") and any(_finite(r.get(c)) for c in (*HULL_COLUMNS.values(), "e_hull_true")):
+            by_formula.setdefault(r["formula"], []).append(r)
+    formulas = sorted(by_formula, key=lambda f: min(
+        (r[c] for r in by_formula[f] for c in HULL_COLUMNS.values() if _finite(r.get(c))), default=np.inf))
+    fig = Figure(figsize=(max(6.0, 0.45 * len(formulas) + 2), 4.8))
+    ax = fig.add_subplot()
+    series = [("e_hull_pred_dft_hull", "o", HULL_LABELS[HULL_DFT]),
+              ("e_hull_pred_model_hull", "^", HULL_LABELS[HULL_MODEL]), ("e_hull_true", "x", "DFT E_hull")]
+    for col, marker, label in series:
+        xs, ys = [], []
+        for i, f in enumerate(formulas):
+            vals = [r[col] for r in by_formula[f] if _finite(r.get(col))]
+            xs += [i + 0.12 * (k - (len(vals) - 1) / 2) for k in range(len(vals))]
+            ys += vals
+        if ys:
+            ax.scatter(xs, ys, marker=marker, s=28, alpha=0.8, label=f"{label} (n={len(ys)})")
+    ax.axhline(threshold, color="0.5", lw=0.8, ls="--")
+    ax.set_xticks(range(len(formulas)))
+    ax.set_xticklabels(formulas, rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("candidate composition (sorted by lowest predicted E_hull)")
+    ax.set_ylabel("E_hull (eV/atom)")
+    ax.set_title(title or "E_hull by composition", fontsize=10)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
