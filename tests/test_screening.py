@@ -143,3 +143,31 @@ def test_model_hull_window_setting(li_o):
     chosen, _ = model_hull_phases(mixed, 0.0, heads=("pbe", "r2scan"))
     heads = {i: h for i, _, h in chosen}
     assert heads["mp-1960-GGA"] == "pbe" and heads["mp-1960-R2SCAN"] == "r2scan"
+
+
+@pytest.mark.shared_data
+def test_mixed_thermo_type_with_both_heads(li_o, tmp_path):
+    """GGA_GGA+U_R2SCAN with a model that has pbe and r2scan heads: candidates relaxed at both heads and placed
+    through the mixing scheme; the all-model hull has GGA phases at the PBE head, r2SCAN ones at the r2SCAN head.
+    (An untrained model, a few steps: this checks the route, not the numbers.)"""
+    from pipeline.hull import GGA_GGA_U_R2SCAN
+
+    picked = [e for e in li_o if {el.symbol for el in e.composition.elements} <= {"Li", "O"}]
+    refs = entries_table(entry_to_row(e, source="mp-res", thermo_type=GGA_GGA_U_R2SCAN,
+                                      fidelity="r2scan" if e.parameters["run_type"] == "R2SCAN" else "pbe")
+                         for e in picked)
+    li2o = next(e for e in picked if e.entry_id == "mp-1960-GGA")
+    cands = candidates_table([candidate_row("li2o", li2o.structure, source="file", origin="mp-1960")])
+    ref_fit = fit_element_references([[3], [8], [3], [8]], [-1.9, -4.9, -2.4, -5.9], ["pbe", "pbe", "r2scan", "r2scan"])
+    model = MFPotential(preset("small", elements=("Li", "O"), fidelities=("pbe", "r2scan")), ref_fit)
+    ckpt = save_checkpoint(model, tmp_path / "two-heads.pt")
+    files = screen(cands, refs, checkpoint=ckpt, thermo_type=GGA_GGA_U_R2SCAN, fidelity="pbe", out_dir=tmp_path,
+                   relax=RelaxSettings(steps=2), reference_window=0.0)
+    [row] = pq.read_table(files["report"]).to_pylist()
+    assert row["fidelity"] == "pbe+r2scan" and row["material_id"] == "mp-1960"
+    assert row["error"] is None and row["e_hull_pred_dft_hull"] is not None
+    assert row["e_hull_pred_model_hull"] is not None
+    assert set(json.loads(row["meta"])["relax"]) == {"pbe", "r2scan"}
+    prov = json.loads(files["summary_json"].read_text())["provenance"]
+    assert prov["model_heads"] == ["pbe", "r2scan"] and prov["hull_scale"] == "pbe"
+    assert "mp-1960-GGA" in prov["model_hull_phases"] and "mp-1960-R2SCAN" in prov["model_hull_phases"]
