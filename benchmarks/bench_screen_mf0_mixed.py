@@ -9,7 +9,8 @@ Data: ../shared/data/mp/mp-res_Li-Ni-O/Li-Ni-O.res.tar (MP GGA/GGA+U and r2SCAN 
 smallest materials of ``--chemsys`` that have both a GGA(+U) and an r2SCAN entry and are not the GGA ground state of
 a composition whose ground state has an r2SCAN entry (there the mixing scheme uses the r2SCAN energy, so the two
 routes differ); both their entries are left out of the references. Truth: the candidates' own DFT entries passed through pymatgen's mixing scheme together with the
-references (as MP's thermo builder does), E_hull against the reference hull. The MF-0 candidates are in MF-0's
+references (as MP's thermo builder does); ``screen`` places their raw PBE and r2SCAN energies on the reference
+hull the way it places the predictions. The MF-0 candidates are in MF-0's
 training data (MPtrj / MP r2SCAN): this shows the route on real data, it does not measure generalisation.
 """
 
@@ -61,7 +62,8 @@ def main() -> None:
     pick = table[~table["is_stable_1"].astype(bool) & table["entry_id_2"].notna() & table["formula"].isin(gs["formula"])]
     ids = {str(i) for i in pick["entry_id_1"]}
     both = sorted((m for m, d in by_material.items() if len(d) == 2 and str(d["pbe"].entry_id) in ids),
-                  key=lambda m: (len(by_material[m]["pbe"].structure), m))[: args.n]
+                  key=lambda m: (by_material[m]["pbe"].composition.is_element, len(by_material[m]["pbe"].structure),
+                                 m))[: args.n]
     cand_ids = {str(by_material[m][f].entry_id) for m in both for f in ("pbe", "r2scan")}
     refs = [e for e in entries if str(e.entry_id) not in cand_ids]
     processed, _ = mix(refs + [by_material[m][f] for m in both for f in ("pbe", "r2scan")])
@@ -79,6 +81,7 @@ def main() -> None:
     for label, model_fidelity in (("MF-0 both heads", None), ("MF-0 PBE head only", "pbe")):
         t0 = time.perf_counter()
         files = screen(cands, ref_table, checkpoint=args.checkpoint, thermo_type=GGA_GGA_U_R2SCAN, fidelity="pbe",
+                       chemsys=args.chemsys,
                        model_fidelity=model_fidelity, out_dir=Path(args.out) / label.replace(" ", "-"),
                        truth=entries_table(truth_rows), relax=settings, reference_window=args.window)
         wall = time.perf_counter() - t0

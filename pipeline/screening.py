@@ -34,6 +34,7 @@ from pipeline.hull import (
     prediction_entry,
 )
 from pipeline.hull.phase_diagram import ReferenceHull
+from pipeline.hull.thermo import correct_like_reference, place_on_mixed_scale, uncorrected
 from pipeline.model.checkpoint import load_checkpoint
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.relaxer import RelaxSettings, relax_many
@@ -72,14 +73,20 @@ def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) ->
     entry belongs to a candidate when its data['candidate_id'], its entry_id, or its entry_id less a
     '-<fidelity>' suffix is the id. The entry's stored energy adjustments are those of its thermo type (one entry
     sits in an MP entries table once per thermo type), so rows of other thermo types are never used; if a
-    candidate still has several rows, the lowest E_hull is kept and a warning names them."""
+    candidate still has several rows, the lowest E_hull is kept and a warning names them.
+    GGA_GGA+U_R2SCAN: stored mixing corrections depend on the chemical system they were mixed in (an r2SCAN Li
+    entry mixed in Li-O sits on the GGA scale, the Li hull is on the r2SCAN scale), so the raw PBE and r2SCAN
+    energies of the candidate are placed on this hull exactly as the predictions are."""
     out: dict[str, float] = {}
     if truth is None:
         return out
     fidelities = _truth_fidelities(hull)
+    mixed = hull.thermo_type == GGA_GGA_U_R2SCAN
     found: dict[str, list[tuple[float, str]]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     for row in truth.to_pylist():
-        if row["fidelity"] not in fidelities or row.get("thermo_type", hull.thermo_type) != hull.thermo_type:
+        if row["fidelity"] not in fidelities or (
+                not mixed and row.get("thermo_type", hull.thermo_type) != hull.thermo_type):
             continue
         entry = row_to_entry(row)
         eid = row["entry_id"]
@@ -88,10 +95,22 @@ def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) ->
         matches = names & ids
         if not matches:
             continue
+        cid = matches.pop()
+        if mixed:
+            raw.setdefault(cid, {}).setdefault(row["fidelity"], entry)
+            continue
         try:
-            found.setdefault(matches.pop(), []).append((hull.decomposition_and_e_above_hull(entry)[1], eid))
+            found.setdefault(cid, []).append((hull.decomposition_and_e_above_hull(entry)[1], eid))
         except RecordError as exc:
             log.warning("no DFT E_hull for %s: %s", eid, exc)
+    for cid, by_fid in raw.items():  # mixed: place the raw DFT energies like the predictions
+        try:
+            placed = place_on_mixed_scale(
+                hull.mixing, pbe=None if "pbe" not in by_fid else correct_like_reference(by_fid["pbe"], hull.thermo_type),
+                r2scan=None if "r2scan" not in by_fid else uncorrected(by_fid["r2scan"]))
+            found[cid] = [(hull.decomposition_and_e_above_hull(placed)[1], cid)]
+        except (RecordError, ValueError) as exc:
+            log.warning("no DFT E_hull for %s: %s", cid, exc)
     for cid, values in found.items():
         if len({round(v, 6) for v, _ in values}) > 1:
             log.warning("%s: %d DFT entries of thermo type %s (%s); keeping the lowest E_hull", cid, len(values),

@@ -171,3 +171,24 @@ def test_mixed_thermo_type_with_both_heads(li_o, tmp_path):
     prov = json.loads(files["summary_json"].read_text())["provenance"]
     assert prov["model_heads"] == ["pbe", "r2scan"] and prov["hull_scale"] == "pbe"
     assert "mp-1960-GGA" in prov["model_hull_phases"] and "mp-1960-R2SCAN" in prov["model_hull_phases"]
+
+
+@pytest.mark.shared_data
+def test_mixed_truth_places_raw_dft_energies_on_this_hull(li_o):
+    """A stored GGA_GGA+U_R2SCAN correction belongs to the system it was mixed in (Li mixed in Li-O is on the GGA
+    scale; the Li hull is on the r2SCAN scale): the truth uses the raw energies, placed on this hull."""
+    from pipeline.hull import GGA_GGA_U_R2SCAN, build_reference_hull
+    from pipeline.screening import _truth_e_hull
+
+    hull = build_reference_hull(li_o, GGA_GGA_U_R2SCAN, chemsys="Li")
+    assert hull.scale == "r2scan"
+    rows = []
+    for e in li_o:
+        if e.entry_id in ("mp-10173-GGA", "mp-10173-R2SCAN"):
+            e = e.copy()
+            e.data["candidate_id"] = "li-hcp"
+            fid = "r2scan" if e.entry_id.endswith("R2SCAN") else "pbe"
+            row = entry_to_row(e, source="mp", thermo_type=GGA_GGA_U_R2SCAN, fidelity=fid)
+            rows.append(dict(row, correction=-5.7, energy_adjustments=None))  # a Li-O-scale shift, to be ignored
+    got = _truth_e_hull(entries_table(rows), hull, {"li-hcp"})
+    assert got["li-hcp"] == pytest.approx(-2.380718665 - -2.3867064133333336, abs=1e-6)
