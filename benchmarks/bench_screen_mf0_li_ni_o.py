@@ -57,9 +57,9 @@ def main() -> None:
               f"vs DFT hull {r['e_hull_pred_dft_hull']:+.3f}  vs model hull {r['e_hull_pred_model_hull']:+.3f} "
               f"({r['relax_status']})")
     for m in summary["metrics"]:
-        f1 = "n/a" if m["f1"] is None else f"{m['f1']:.2f}"
-        print(f"{m['hull']:10s} threshold {m['stability_threshold']}: MAE {m['mae']:.3f} eV/atom, "
-              f"RMSE {m['rmse']:.3f}, F1 {f1}, accuracy {m['accuracy']:.2f}")
+        f1 = "n/a" if m["F1"] is None else f"{m['F1']:.2f}"
+        print(f"{m['hull']:10s} threshold {m['stability_threshold']}: MAE {m['MAE']:.3f} eV/atom, "
+              f"RMSE {m['RMSE']:.3f}, F1 {f1}, Accuracy {m['Accuracy']:.2f}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def campaign_flow(
     model_fidelity: str | None = None,
     thermo_types: dict[str, str] | None = None,
     max_candidates: int = 20,
-    reference_window: float = 0.1,
+    reference_window: float | None = None,
     fmax: float = 0.05,
     steps: int = 500,
     batch_size: int = 4,

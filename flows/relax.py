@@ -51,7 +51,7 @@ def dask_runner(address: str | None = None, n_workers: int = 2, threads_per_work
 @flow(name="relax-batches", flow_run_name="relax-{fidelity}")
 def relax_batches_flow(candidates_path: str, references_dir: str | None, batches: dict[str, list[list[str]]],
                        checkpoint: str, fidelity: str, relax_dir: str, thermo_type: str = "raw",
-                       reference_window: float = 0.1, model_fidelity: str | None = None, fmax: float = 0.05,
+                       reference_window: float | None = None, model_fidelity: str | None = None, fmax: float = 0.05,
                        steps: int = 500, device: str = "cpu") -> dict[str, dict[str, int]]:
     """Submit one relax-batch task per batch ({role: [[id...]...]}) to the flow's task runner; status counts
     per role."""
@@ -67,7 +67,7 @@ def relax_batches_flow(candidates_path: str, references_dir: str | None, batches
 
 
 def relax_all(candidates_path: str, references_dir: str | None, checkpoint: str, fidelity: str, relax_dir: str, *,
-              thermo_type: str = "raw", reference_window: float = 0.1, batch_size: int = 4,
+              thermo_type: str = "raw", reference_window: float | None = None, batch_size: int = 4,
               dask_address: str | None = None, dask_workers: int = 2, **settings: Any) -> dict[str, dict[str, int]]:
     """Relax the candidates and the near-hull reference phases (what screening needs) in batches on Dask (see
     :func:`dask_runner`); the screen task then finds every relaxation in the store."""

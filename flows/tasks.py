@@ -114,7 +114,7 @@ def evaluate(checkpoint: str, frames_dir: str) -> dict[str, float]:
 @task(name="relax-batch", task_run_name="relax[{fidelity}]-{role}-{ids[0]}+{batch_size}",
       cache_key_fn=content_cache_key("candidates_path", "references_dir", "checkpoint"), persist_result=True)
 def relax_batch(candidates_path: str, references_dir: str | None, role: str, ids: list[str], checkpoint: str,
-                fidelity: str, relax_dir: str, thermo_type: str = "raw", reference_window: float = 0.1,
+                fidelity: str, relax_dir: str, thermo_type: str = "raw", reference_window: float | None = None,
                 model_fidelity: str | None = None, fmax: float = 0.05, steps: int = 500, device: str = "cpu",
                 batch_size: int = 0) -> dict[str, int]:
     """Relax the ``ids`` of one role (candidate / reference) into the relaxation store (batch_size: run name)."""
@@ -133,7 +133,7 @@ def relax_batch(candidates_path: str, references_dir: str | None, role: str, ids
       cache_key_fn=content_cache_key("candidates", "references_dir", "checkpoint", "truth_dir"), persist_result=True)
 def screen(candidates: list[str], references_dir: str, checkpoint: str, thermo_type: str, fidelity: str,
            out_dir: str, truth_dir: str | None = None, model_fidelity: str | None = None,
-           fmax: float = 0.05, steps: int = 500, device: str = "cpu", reference_window: float = 0.1) -> dict[str, str]:
+           fmax: float = 0.05, steps: int = 500, device: str = "cpu", reference_window: float | None = None) -> dict[str, str]:
     """Screen candidate files (CIF/POSCAR/extxyz/JSON) or a candidates Parquet written by make-candidates."""
     from pipeline.campaign import read_candidates
     from pipeline.hull.candidates import candidates_table, read_candidate_files

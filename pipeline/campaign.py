@@ -149,12 +149,12 @@ def structures_to_relax(
     *,
     thermo_type: str = "raw",
     fidelity: str = "unknown",
-    reference_window: float = 0.1,
+    reference_window: float | None = None,
 ) -> dict[str, list[tuple[str, Structure]]]:
     """{"candidate": [(id, structure)...], "reference": [...]}: what :func:`pipeline.screening.screen` relaxes
     for these candidates (the reference phases within ``reference_window`` of the DFT hull of their system)."""
     from pipeline.hull import build_reference_hull
-    from pipeline.screening import near_hull_references
+    from pipeline.screening import model_hull_phases
 
     table, _ = read_candidates(candidates_path)
     rows = table.to_pylist()
@@ -163,7 +163,8 @@ def structures_to_relax(
         chemsys = "-".join(sorted({el for r in rows for el in r["chemsys"].split("-")}))
         hull = build_reference_hull(read_table(references_dir, ENTRIES_SCHEMA), thermo_type, chemsys=chemsys,
                                     fidelity=fidelity)
-        out["reference"] = near_hull_references(hull, reference_window)
+        phases, _ = model_hull_phases(hull, reference_window, (fidelity,))
+        out["reference"] = [(i, s) for i, s, _ in phases]
     return out
 
 

@@ -137,7 +137,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
         thermo_type=args.thermo_type, fidelity=args.fidelity, model_fidelity=args.model_fidelity,
         out_dir=args.out, truth=truth, candidate_rejects=cands.rejects,
         relax=RelaxSettings(fmax=args.fmax, steps=args.steps, engine=args.relax_engine, max_atoms=args.batch_atoms),
-        device=args.device,
+        reference_window=args.reference_window, device=args.device,
     )
     _print({k: str(v) for k, v in files.items()})
     print(failure_table(files["report"]), file=sys.stderr)
@@ -255,9 +255,9 @@ def add_campaign_parser(sub: Any) -> None:
     p.add_argument("--thermo-type", action="append", metavar="FIDELITY=TYPE",
                    help="thermo type of the reference hull per fidelity, one of R2SCAN, GGA_GGA+U, "
                         "GGA_GGA+U_R2SCAN, raw (default: r2scan=R2SCAN, pbe=GGA_GGA+U, others raw)")
-    p.add_argument("--reference-window", type=float_range(0), default=0.1,
+    p.add_argument("--reference-window", type=float_range(0), default=None,
                    help="reference phases within this E_hull (eV/atom) are relaxed too, for the all-model hull "
-                        "(default 0.1)")
+                        "(default: all of them when there are <= 50, else 0.1)")
     p.add_argument("--fmax", type=float_range(0, low_open=True), default=0.05, help="relaxation force tolerance (eV/A, default 0.05)")
     p.add_argument("--steps", type=int_range(1), default=500,
                    help="relaxation step limit (default 500, as matbench-discovery)")
@@ -358,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batched FIRE relaxer or the ASE reference path (auto: batched)")
     p.add_argument("--batch-atoms", type=int_range(1), default=512,
                    help="atoms per batch of the batched relaxer (memory budget; default: 512)")
+    p.add_argument("--reference-window", type=float_range(0), default=None,
+                   help="recompute reference phases within this many eV/atom of the DFT hull with the model, for "
+                        "the all-model hull (default: all of them when there are <= 50, else 0.1)")
     p.add_argument("--device", type=_device, default=os.environ.get("MFHULL_DEVICE", "cpu"), help=device_help)
     p.set_defaults(func=cmd_screen)
 

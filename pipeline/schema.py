@@ -27,8 +27,14 @@ VEC3 = pa.list_(pa.float64(), 3)
 MAT3 = pa.list_(VEC3, 3)
 
 
-def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True, unit: str | None = None) -> pa.Field:
+    """A documented field; ``unit`` (e.g. 'eV/atom') is stored machine-readably beside the doc."""
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc, **({"unit": unit} if unit else {})})
+
+
+def field_units(schema: pa.Schema) -> dict[str, str]:
+    """{field name: unit} of the fields that carry a ``unit`` key in their metadata."""
+    return {f.name: f.metadata[b"unit"].decode() for f in schema if f.metadata and b"unit" in f.metadata}
 
 
 FRAMES_SCHEMA = pa.schema(
@@ -136,61 +142,86 @@ CANDIDATES_SCHEMA = pa.schema(
     metadata={"name": "candidates", "schema_version": "1"},
 )
 
-REPORT_SCHEMA_VERSION = "1"
+REPORT_SCHEMA_VERSION = "2"
 
 #: Relaxation outcomes a report row may carry.
 RELAX_STATUSES = ("converged", "not_converged", "failed", "not_relaxed")
 
+_EV_ATOM = "eV/atom"
+
 REPORT_SCHEMA = pa.schema(
     [
         _f("candidate_id", pa.string(), "Candidate key (see CANDIDATES_SCHEMA).", False),
+        _f("material_id", pa.string(), "Materials Project (or WBM/Alexandria) id of the candidate when known."),
+        _f("run_id", pa.string(), "Id of the screening run (its provenance is in the file's 'provenance' metadata)."),
         _f("formula", pa.string(), "Reduced formula; null when the candidate could not be read."),
         _f("chemsys", pa.string(), "Sorted element symbols joined by '-'."),
         _f("source", pa.string(), "Where the candidate came from: 'file', 'substitution', or another label."),
         _f("origin", pa.string(), "File path or prototype id the candidate was made from."),
-        _f("fidelity", pa.string(), "Fidelity of the predicted energies and of both hulls (pbe, r2scan, gpaw-pbe...)."),
+        _f("fidelity", pa.string(), "Fidelity of the predicted energies (pbe, r2scan, gpaw-pbe...; 'pbe+r2scan' "
+           "when both heads of a multi-fidelity model entered the GGA_GGA+U_R2SCAN mixing scheme)."),
         _f("thermo_type", pa.string(), "Thermo type of the reference hull: R2SCAN, GGA_GGA+U, GGA_GGA+U_R2SCAN, raw."),
         _f("model_id", pa.string(), "Id of the model (checkpoint) that predicted the energies."),
         _f("data_snapshot_id", pa.string(), "Id of the reference-data snapshot the hulls were built from."),
         _f("relax_status", pa.string(), f"Relaxation outcome: one of {', '.join(RELAX_STATUSES)}; null if unknown."),
         _f("relax_steps", pa.int32(), "Number of optimizer steps of the relaxation; null if unknown."),
-        _f("energy", pa.float64(), "Predicted RAW total energy of the (relaxed) cell (eV)."),
+        _f("energy", pa.float64(), "Predicted RAW total energy of the (relaxed) cell (eV).", unit="eV"),
         _f("energy_per_atom", pa.float64(),
-           "Predicted energy per atom on the hull's scale, i.e. with the thermo type's corrections (eV/atom)."),
-        _f("correction", pa.float64(), "Total energy correction applied to the prediction (eV), 0 for R2SCAN/raw."),
-        _f("e_hull_pred_dft_hull", pa.float64(), "E_hull of the prediction vs the DFT reference hull (eV/atom)."),
+           "Predicted energy per atom on the hull's scale, i.e. with the thermo type's corrections (eV/atom).",
+           unit=_EV_ATOM),
+        _f("correction", pa.float64(), "Total energy correction applied to the prediction (eV), 0 for R2SCAN/raw.",
+           unit="eV"),
+        _f("e_hull_pred_dft_hull", pa.float64(), "E_hull of the prediction vs the DFT reference hull (eV/atom).",
+           unit=_EV_ATOM),
         _f("decomposition_dft_hull", pa.string(), "JSON {reference entry_id: fraction}: decomposition on that hull."),
-        _f("e_hull_pred_model_hull", pa.float64(), "E_hull of the prediction vs the all-model hull (eV/atom)."),
+        _f("e_hull_pred_model_hull", pa.float64(), "E_hull of the prediction vs the all-model hull (eV/atom).",
+           unit=_EV_ATOM),
         _f("decomposition_model_hull", pa.string(), "JSON {reference entry_id: fraction} on the all-model hull."),
-        _f("e_hull_true", pa.float64(), "DFT E_hull of the candidate vs the DFT reference hull, if known (eV/atom)."),
+        _f("e_hull_true", pa.float64(), "DFT E_hull of the candidate vs the DFT reference hull, if known (eV/atom).",
+           unit=_EV_ATOM),
+        _f("structure", pa.string(), "Relaxed structure, pymatgen Structure.as_dict() as JSON (Angstrom); "
+           "also written as structures/relaxed.extxyz and structures/<candidate>.cif.", unit="Angstrom"),
         _f("error", pa.string(), "Why this candidate failed (read, relax or hull step); null when it did not.", True),
         _f("meta", pa.string(), "JSON object with any other provenance."),
     ],
     metadata={"name": "report", "schema_version": REPORT_SCHEMA_VERSION},
 )
 
+#: Metric columns of SUMMARY_SCHEMA, named as matbench-discovery prints them.
+METRIC_NAMES = ("F1", "DAF", "Precision", "Recall", "Accuracy", "TPR", "FPR", "TNR", "FNR", "TP", "FP", "TN", "FN",
+                "MAE", "RMSE", "R2")
+
 SUMMARY_SCHEMA = pa.schema(
     [
+        _f("run_id", pa.string(), "Id of the screening run (the report's run_id)."),
+        _f("model_id", pa.string(), "Id of the model (checkpoint) whose predictions are scored."),
+        _f("fidelity", pa.string(), "Fidelity of the predicted energies (as in the report)."),
+        _f("thermo_type", pa.string(), "Thermo type of the reference hull."),
         _f("hull", pa.string(), "Which prediction: 'dft_hull' (vs DFT reference hull) or 'model_hull' (all-model).",
            False),
         _f("stability_threshold", pa.float64(), "E_hull at or below which a candidate counts as stable (eV/atom).",
-           False),
+           False, unit=_EV_ATOM),
         _f("n", pa.int64(), "Candidates with a known DFT E_hull (the metric population).", False),
         _f("n_missing_pred", pa.int64(), "Of those, candidates without a prediction (counted as predicted unstable).",
            False),
         _f("prevalence", pa.float64(), "Fraction of truly stable candidates."),
-        _f("precision", pa.float64(), "TP / (TP + FP)."),
-        _f("recall", pa.float64(), "TP / (TP + FN)."),
-        _f("f1", pa.float64(), "Harmonic mean of precision and recall."),
-        _f("accuracy", pa.float64(), "(TP + TN) / n."),
-        _f("daf", pa.float64(), "Discovery acceleration factor = precision / prevalence."),
-        _f("tp", pa.int64(), "True positives (stable, predicted stable)."),
-        _f("fp", pa.int64(), "False positives."),
-        _f("tn", pa.int64(), "True negatives."),
-        _f("fn", pa.int64(), "False negatives."),
-        _f("mae", pa.float64(), "Mean absolute error of E_hull over candidates with both values (eV/atom)."),
-        _f("rmse", pa.float64(), "Root-mean-square error of E_hull (eV/atom)."),
-        _f("r2", pa.float64(), "Coefficient of determination of E_hull."),
+        _f("F1", pa.float64(), "Harmonic mean of precision and recall."),
+        _f("DAF", pa.float64(), "Discovery acceleration factor = precision / prevalence."),
+        _f("Precision", pa.float64(), "TP / (TP + FP)."),
+        _f("Recall", pa.float64(), "TP / (TP + FN) (= TPR)."),
+        _f("Accuracy", pa.float64(), "(TP + TN) / n."),
+        _f("TPR", pa.float64(), "True positive rate TP / (TP + FN)."),
+        _f("FPR", pa.float64(), "False positive rate FP / (FP + TN)."),
+        _f("TNR", pa.float64(), "True negative rate TN / (TN + FP)."),
+        _f("FNR", pa.float64(), "False negative rate FN / (FN + TP)."),
+        _f("TP", pa.int64(), "True positives (stable, predicted stable)."),
+        _f("FP", pa.int64(), "False positives."),
+        _f("TN", pa.int64(), "True negatives."),
+        _f("FN", pa.int64(), "False negatives."),
+        _f("MAE", pa.float64(), "Mean absolute error of E_hull over candidates with both values (eV/atom).",
+           unit=_EV_ATOM),
+        _f("RMSE", pa.float64(), "Root-mean-square error of E_hull (eV/atom).", unit=_EV_ATOM),
+        _f("R2", pa.float64(), "Coefficient of determination of E_hull."),
     ],
     metadata={"name": "report_summary", "schema_version": REPORT_SCHEMA_VERSION},
 )

@@ -1,5 +1,10 @@
-"""One screening run: relax candidates (and the reference phases) with a potential at one fidelity, compute
-E_hull against the DFT reference hull and the all-model hull, and write the report.
+"""One screening run: relax candidates (and the reference phases) with a potential, compute E_hull against the
+DFT reference hull and the all-model hull, and write the report.
+
+Thermo type GGA_GGA+U_R2SCAN with a multi-fidelity model that has both a ``pbe`` and an ``r2scan`` head (and no
+``model_fidelity`` forcing one head): every candidate is relaxed at both heads, and its two energies enter
+pymatgen's mixing scheme with the reference entries (:func:`pipeline.hull.mixed_e_above_hull`); the all-model
+hull has the GGA reference phases at the PBE head and the r2SCAN ones at the r2SCAN head.
 
 This is the science behind the ``screen`` flow and the ``mfhull screen`` command; both only call
 :func:`screen`.
@@ -7,9 +12,11 @@ This is the science behind the ``screen`` flow and the ``mfhull screen`` command
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,16 +24,31 @@ from typing import Any
 import pyarrow as pa
 from pymatgen.core import Structure
 
-from pipeline.entries import row_to_entry
+from pipeline.entries import normalize_run_type, row_to_entry
 from pipeline.frames import RecordError
-from pipeline.hull import build_reference_hull, e_above_hull, prediction_entry
+from pipeline.hull import (
+    GGA_GGA_U_R2SCAN,
+    build_reference_hull,
+    e_above_hull,
+    mixed_e_above_hull,
+    prediction_entry,
+)
 from pipeline.hull.phase_diagram import ReferenceHull
+from pipeline.hull.thermo import correct_like_reference, place_on_mixed_scale, uncorrected
+from pipeline.model.checkpoint import load_checkpoint
 from pipeline.relax import sanity
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.relaxer import RelaxSettings, relax_many
+from pipeline.report.provenance import material_id, provenance
 from pipeline.report.writer import write_report
 
 log = logging.getLogger(__name__)
+
+#: Without an explicit window, every reference phase is recomputed by the model when there are at most this many.
+ALL_REFERENCES_UP_TO = 50
+#: Window (eV/atom above the DFT hull) used for larger reference sets when none is given.
+DEFAULT_WINDOW = 0.1
+MF_HEADS = ("pbe", "r2scan")
 
 
 def file_id(path: str | Path) -> str:
@@ -43,26 +65,58 @@ def table_fingerprint(table: pa.Table, columns: Iterable[str] = ("entry_id", "th
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:12]
 
 
+def _truth_fidelities(hull: ReferenceHull) -> set[str]:
+    return set(MF_HEADS) if hull.thermo_type == GGA_GGA_U_R2SCAN else {hull.fidelity}
+
+
 def _truth_e_hull(truth: pa.Table | None, hull: ReferenceHull, ids: set[str]) -> dict[str, float]:
-    """DFT E_hull of the candidates whose DFT entry at the hull's fidelity is in ``truth``; an entry belongs to a
-    candidate when its data['candidate_id'], its entry_id, or its entry_id less a '-<fidelity>' suffix is the id."""
+    """DFT E_hull of the candidates whose DFT entry of the hull's thermo type (and fidelity) is in ``truth``; an
+    entry belongs to a candidate when its data['candidate_id'], its entry_id, or its entry_id less a
+    '-<fidelity>' suffix is the id. The entry's stored energy adjustments are those of its thermo type (one entry
+    sits in an MP entries table once per thermo type), so rows of other thermo types are never used; if a
+    candidate still has several rows, the lowest E_hull is kept and a warning names them.
+    GGA_GGA+U_R2SCAN: stored mixing corrections depend on the chemical system they were mixed in (an r2SCAN Li
+    entry mixed in Li-O sits on the GGA scale, the Li hull is on the r2SCAN scale), so the raw PBE and r2SCAN
+    energies of the candidate are placed on this hull exactly as the predictions are."""
     out: dict[str, float] = {}
     if truth is None:
         return out
-    suffix = f"-{hull.fidelity}"
+    fidelities = _truth_fidelities(hull)
+    mixed = hull.thermo_type == GGA_GGA_U_R2SCAN
+    found: dict[str, list[tuple[float, str]]] = {}
+    raw: dict[str, dict[str, Any]] = {}
     for row in truth.to_pylist():
-        if row["fidelity"] != hull.fidelity:
+        if row["fidelity"] not in fidelities or (
+                not mixed and row.get("thermo_type", hull.thermo_type) != hull.thermo_type):
             continue
         entry = row_to_entry(row)
         eid = row["entry_id"]
+        suffix = f"-{row['fidelity']}"
         names = {(entry.data or {}).get("candidate_id"), eid, eid[: -len(suffix)] if eid.endswith(suffix) else None}
         matches = names & ids
         if not matches:
             continue
+        cid = matches.pop()
+        if mixed:
+            raw.setdefault(cid, {}).setdefault(row["fidelity"], entry)
+            continue
         try:
-            out[matches.pop()] = hull.decomposition_and_e_above_hull(entry)[1]
+            found.setdefault(cid, []).append((hull.decomposition_and_e_above_hull(entry)[1], eid))
         except RecordError as exc:
             log.warning("no DFT E_hull for %s: %s", eid, exc)
+    for cid, by_fid in raw.items():  # mixed: place the raw DFT energies like the predictions
+        try:
+            placed = place_on_mixed_scale(
+                hull.mixing, pbe=None if "pbe" not in by_fid else correct_like_reference(by_fid["pbe"], hull.thermo_type),
+                r2scan=None if "r2scan" not in by_fid else uncorrected(by_fid["r2scan"]))
+            found[cid] = [(hull.decomposition_and_e_above_hull(placed)[1], cid)]
+        except (RecordError, ValueError) as exc:
+            log.warning("no DFT E_hull for %s: %s", cid, exc)
+    for cid, values in found.items():
+        if len({round(v, 6) for v, _ in values}) > 1:
+            log.warning("%s: %d DFT entries of thermo type %s (%s); keeping the lowest E_hull", cid, len(values),
+                        hull.thermo_type, ", ".join(e for _, e in values))
+        out[cid] = min(v for v, _ in values)
     return out
 
 
@@ -110,15 +164,51 @@ def failure_table(report: str | Path | pa.Table) -> str:
     return "\n".join(lines)
 
 
-def near_hull_references(hull: ReferenceHull, window: float) -> list[tuple[str, Structure]]:
-    """(entry_id, structure) of the hull's entries within ``window`` eV/atom of it: the reference phases the
-    potential re-computes for the all-model hull."""
-    out = []
-    for entry in hull.entries:
-        structure = getattr(entry, "structure", None)
-        if structure is not None and hull.diagram.get_e_above_hull(entry, allow_negative=True) <= window:
-            out.append((str(entry.entry_id), structure))
-    return out
+def _head_of(entry: Any, hull: ReferenceHull, heads: tuple[str, ...]) -> str:
+    if len(heads) == 1:
+        return heads[0]
+    return "r2scan" if normalize_run_type((entry.parameters or {}).get("run_type")) == "R2SCAN" else "pbe"
+
+
+def model_hull_phases(
+    hull: ReferenceHull, window: float | None = None, heads: tuple[str, ...] = ("pbe",),
+) -> tuple[list[tuple[str, Structure, str]], float]:
+    """Reference phases to recompute with the model for the all-model hull: (entry_id, structure, head) and the
+    window used (eV/atom above the DFT hull of the phase's own run type).
+
+    ``window=None``: every phase when there are at most :data:`ALL_REFERENCES_UP_TO`, else
+    :data:`DEFAULT_WINDOW`. A narrow window misses phases the model would make stable, and the candidates then
+    look more stable than they are. GGA_GGA+U_R2SCAN: a material is taken with both its GGA and its r2SCAN entry
+    when either is inside the window (the pairs of pymatgen's mixing state), so the mixing scheme sees the same
+    pairs on model energies.
+    """
+    mixing = hull.mixing if hull.thermo_type == GGA_GGA_U_R2SCAN else None
+    pool = [e for e in (mixing.inputs if mixing else hull.entries) if getattr(e, "structure", None) is not None]
+    if window is None:
+        window = math.inf if len(pool) <= ALL_REFERENCES_UP_TO else DEFAULT_WINDOW
+    if window < 0 or math.isnan(window):
+        raise ValueError(f"reference window must be >= 0 eV/atom, got {window}")
+    if mixing is None:
+        keep = {str(e.entry_id) for e in pool if hull.diagram.get_e_above_hull(e, allow_negative=True) <= window}
+    else:
+        e_hull = {}
+        for diagram in (mixing.gga, mixing.r2scan):
+            if diagram is not None:
+                e_hull.update({str(e.entry_id): diagram.get_e_above_hull(e, allow_negative=True)
+                               for e in diagram.all_entries})
+        keep = {i for i, v in e_hull.items() if v <= window}
+        for pair in mixing.pairs():
+            if keep & set(pair):
+                keep |= {i for i in pair if i}
+    chosen = [(str(e.entry_id), e.structure, _head_of(e, hull, heads)) for e in pool if str(e.entry_id) in keep]
+    return chosen, float(window)
+
+
+def _status(rels: list[dict[str, Any]]) -> str:
+    statuses = {r["status"] for r in rels}
+    if statuses == {"converged"}:
+        return "converged"
+    return "failed" if statuses == {"failed"} else "not_converged"
 
 
 def screen(
@@ -134,14 +224,17 @@ def screen(
     truth: pa.Table | None = None,
     candidate_rejects: Iterable[Mapping[str, str]] = (),
     relax: RelaxSettings | None = None,
-    reference_window: float = 0.1,
+    reference_window: float | None = None,
     device: str = "cpu",
+    run_id: str | None = None,
 ) -> dict[str, Path]:
     """Screen ``candidates`` (CANDIDATES_SCHEMA) against ``references`` (ENTRIES_SCHEMA) and write the report.
 
     fidelity: fidelity of the DFT references (and of the report); model_fidelity: the potential's fidelity to use
-    (default: the same name). Reference phases within ``reference_window`` eV/atom of the DFT hull are relaxed by
-    the potential too, for the all-model hull. ``truth``: DFT entries of the candidates (optional) for metrics.
+    (default: the same name; for GGA_GGA+U_R2SCAN with a model that has ``pbe`` and ``r2scan`` heads: both).
+    Reference phases chosen by :func:`model_hull_phases` (``reference_window`` eV/atom; default: all of them
+    when there are at most 50, else 0.1) are relaxed by the potential too, for the all-model hull; the report's
+    provenance lists them. ``truth``: DFT entries of the candidates (optional) for metrics.
     ``candidate_rejects``: candidates that could not be read (record_id, error), kept as failed rows.
     """
     out_dir = Path(out_dir)
@@ -167,19 +260,28 @@ def screen(
     hull = build_reference_hull(references, thermo_type, chemsys=chemsys, fidelity=fidelity)
     model_id = file_id(checkpoint)
     snapshot = table_fingerprint(references)
-    calc = MFPotentialCalculator.from_checkpoint(checkpoint, model_fidelity or fidelity, device=device)
+    model = load_checkpoint(checkpoint, device=device)
+    mixed = hull.thermo_type == GGA_GGA_U_R2SCAN
+    if mixed and model_fidelity is None and set(MF_HEADS) <= set(model.fidelities):
+        heads: tuple[str, ...] = MF_HEADS
+    else:
+        heads = (model_fidelity or fidelity,)
+    calcs = {h: MFPotentialCalculator(model, h) for h in heads}  # an unknown head fails here, naming the known
     relax_dir = out_dir / "relaxations"
 
-    ref_items = near_hull_references(hull, reference_window)
-    log.info("relaxing %d reference phases and %d candidates with %s at %s", len(ref_items), len(cand_rows),
-             model_id, model_fidelity or fidelity)
-    mfid = model_fidelity or fidelity
-    ref_relax = relax_many(ref_items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid,
-                           role="reference", out=relax_dir)
-    model_energies = {r["candidate_id"]: r["energy"] for r in ref_relax.to_pylist() if r["energy"] is not None}
+    ref_items, window = model_hull_phases(hull, reference_window, heads)
+    log.info("relaxing %d reference phases (window %s eV/atom) and %d candidates with %s at %s", len(ref_items),
+             window, len(cand_rows), model_id, "+".join(heads))
+    model_energies: dict[str, float] = {}
+    for head in heads:
+        items = [(i, s) for i, s, h in ref_items if h == head]
+        for r in relax_many(items, calcs[head], relax, model_id=model_id, fidelity=fidelity, model_fidelity=head,
+                            role="reference", out=relax_dir).to_pylist():
+            if r["energy"] is not None:
+                model_energies[r["candidate_id"]] = r["energy"]
     volumes = sanity.reference_volume_range(getattr(e, "structure", None) for e in hull.entries)
-    items, suspect, usable = [], {}, []
-    for r in cand_rows:
+    structures, suspect, usable = [], {}, []
+    for r in cand_rows:  # physical sanity before relaxation: failed rows are not relaxed, suspect ones are
         structure = Structure.from_dict(json.loads(r["structure"]))
         found = sanity.before_relaxation(structure, volumes)
         if sanity.worst(found) == sanity.FAILED:
@@ -187,44 +289,67 @@ def screen(
             continue
         suspect[r["candidate_id"]] = list(found)
         usable.append(r)
-        items.append((r["candidate_id"], structure))
+        structures.append((r["candidate_id"], structure))
     cand_rows = usable
-    cand_relax = {r["candidate_id"]: r for r in relax_many(
-        items, calc, relax, model_id=model_id, fidelity=fidelity, model_fidelity=mfid, role="candidate",
-        out=relax_dir).to_pylist()}
+    cand_relax: dict[str, dict[str, dict[str, Any]]] = {h: {r["candidate_id"]: r for r in relax_many(
+        structures, calcs[h], relax, model_id=model_id, fidelity=fidelity, model_fidelity=h, role="candidate",
+        out=relax_dir).to_pylist()} for h in heads}
 
-    predictions = []
-    for cid, rel in cand_relax.items():
-        if rel["energy"] is not None:
-            relaxed = Structure.from_dict(json.loads(rel["structure"]))
-            suspect[cid] += sanity.after_relaxation(relaxed, volumes)
-            predictions.append(prediction_entry(cid, relaxed, energy=rel["energy"]))
+    predictions: dict[str, list[Any]] = {h: [] for h in heads}
+    for h in heads:
+        for cid, rel in cand_relax[h].items():
+            if rel["energy"] is not None:
+                relaxed = Structure.from_dict(json.loads(rel["structure"]))
+                if h == heads[0]:
+                    suspect[cid] += sanity.after_relaxation(relaxed, volumes)
+                predictions[h].append(prediction_entry(cid, relaxed, energy=rel["energy"]))
+
+    def hull_rows(energies: Mapping[str, float] | None) -> list[dict[str, Any]]:
+        if len(heads) == 2:
+            return mixed_e_above_hull(predictions["pbe"], predictions["r2scan"], hull, model_energies=energies)
+        return e_above_hull(predictions[heads[0]], hull, model_energies=energies, fidelity=heads[0])
+
     notes: list[str] = []
     try:
-        hull_rows = e_above_hull(predictions, hull, model_energies=model_energies, fidelity=fidelity)
+        hull_rows_ = hull_rows(model_energies)
     except RecordError as exc:  # e.g. an elemental reference failed to relax: report the DFT-hull values only
         notes.append(f"no all-model hull: {exc}")
         log.warning("no all-model hull: %s", exc)
-        hull_rows = e_above_hull(predictions, hull, fidelity=fidelity)
-    by_id = {r["candidate_id"]: r for r in hull_rows}
-    truth_e = _truth_e_hull(truth, hull, set(cand_relax))
+        hull_rows_ = hull_rows(None)
+    by_id = {r["candidate_id"]: r for r in hull_rows_}
+    truth_e = _truth_e_hull(truth, hull, {r["candidate_id"] for r in cand_rows})
+    prov = provenance(
+        run_id, model_id=model_id, checkpoint=str(checkpoint), thermo_type=hull.thermo_type, fidelity=fidelity,
+        model_heads=list(heads), hull_scale=hull.scale, chemsys=hull.chemsys, data_snapshot_id=snapshot,
+        relax=dataclasses.asdict(relax), reference_window=window,
+        model_hull_phases=sorted(model_energies), model_hull_phases_failed=sorted(
+            {i for i, _, _ in ref_items} - set(model_energies)), notes=notes,
+    )
 
     report: list[dict[str, Any]] = []
     for row in cand_rows:
         cid = row["candidate_id"]
-        rel = cand_relax[cid]
+        rels = [cand_relax[h][cid] for h in heads]
+        meta_in = json.loads(row["meta"]) if row.get("meta") else {}
         out: dict[str, Any] = dict(by_id.get(cid, {}))
         out.update({
-            "candidate_id": cid, "formula": row["formula"], "chemsys": row["chemsys"], "source": row["source"],
-            "origin": row["origin"], "fidelity": fidelity, "thermo_type": hull.thermo_type,
-            "relax_status": rel["status"], "relax_steps": rel["n_steps"], "e_hull_true": truth_e.get(cid),
-            "meta": json.dumps({"relax_wall_s": rel["wall_s"], "fmax": rel["fmax"], "notes": notes}),
+            "candidate_id": cid, "material_id": material_id(cid, row["origin"], meta=meta_in),
+            "formula": row["formula"], "chemsys": row["chemsys"], "source": row["source"],
+            "origin": row["origin"], "fidelity": out.get("fidelity") or "+".join(heads),
+            "thermo_type": hull.thermo_type, "relax_status": _status(rels), "relax_steps": rels[0]["n_steps"],
+            "e_hull_true": truth_e.get(cid), "structure": rels[0]["structure"],
+            "meta": json.dumps({"relax": {h: {"status": r["status"], "steps": r["n_steps"], "wall_s": r["wall_s"],
+                                              "fmax": r["fmax"]} for h, r in zip(heads, rels, strict=True)},
+                                **({"structure_r2scan": rels[1]["structure"]} if len(heads) == 2 else {}),
+                                "notes": notes}),
         })
-        if rel["status"] == "failed":
-            out["error"] = f"relaxation failed: {rel['error']}"
+        failed = [f"{h}: {r['error']}" for h, r in zip(heads, rels, strict=True) if r["status"] == "failed"]
+        if failed:
+            out["error"] = "relaxation failed: " + "; ".join(failed)
         else:
             _mark_suspect(out, suspect[cid] + sanity.energy_findings(out.get("e_hull_pred_dft_hull")))
         report.append(out)
     report.extend(failed_rows)
     return write_report(report, out_dir, model_id=model_id, data_snapshot_id=snapshot, reference_diagram=hull,
-                        title=f"E_hull screening of {chemsys} at {fidelity} ({model_id})")
+                        title=f"E_hull screening of {chemsys} ({hull.thermo_type}) at {'+'.join(heads)} ({model_id})",
+                        provenance=prov)

@@ -17,6 +17,7 @@ from pipeline.hull import (
     build_reference_hull,
     correct_like_reference,
     e_above_hull,
+    mixed_e_above_hull,
     model_reference_hull,
     prediction_entry,
 )
@@ -113,12 +114,61 @@ def test_r2scan_predictions_are_uncorrected_and_model_hull_of_dft_is_dft(li_ni_o
 
 
 @pytest.mark.shared_data
-def test_mixed_scheme_has_no_model_hull(li_ni_o):
-    hull = build_reference_hull(li_ni_o, GGA_GGA_U_R2SCAN, chemsys="Li-O")
-    with pytest.raises(RecordError, match="GGA_GGA\\+U_R2SCAN"):
-        model_reference_hull(hull, {})
-    # the DFT E_hull of a GGA-scale prediction still works on the mixed hull (MP2020-corrected candidate)
-    li2o = prediction_entry("li2o", "Li2O", energy=-14.263600)  # mp-1960 GGA raw energy (example file)
-    assert correct_like_reference(li2o, GGA_GGA_U_R2SCAN).energy == pytest.approx(-14.950600, abs=1e-6)
-    [row] = e_above_hull([li2o], hull)
+@pytest.mark.parametrize("chemsys", ["Li", "Ni", "O", "Li-Ni", "Li-O", "Ni-O", "Li-Ni-O"])
+def test_gga_stable_phase_at_its_own_gga_energy_is_on_the_mixed_hull(li_ni_o, chemsys):
+    """pymatgen puts the mixed hull on the r2SCAN scale when every GGA ground state has an r2SCAN entry (Li, Ni,
+    Li-Ni here) and on the GGA scale otherwise: a PBE prediction must land right in both cases."""
+    mixed = build_reference_hull(li_ni_o, GGA_GGA_U_R2SCAN, chemsys=chemsys)
+    gga = build_reference_hull(li_ni_o, GGA_GGA_U, chemsys=chemsys)
+    stable = [e for e in gga.entries if str(e.entry_id) in gga.stable_entry_ids()]
+    assert stable
+    preds = [prediction_entry(e.entry_id, e.structure, energy=e.uncorrected_energy) for e in stable]
+    for row in e_above_hull(preds, mixed, fidelity="pbe"):
+        assert row["error"] is None, row["error"]
+        assert row["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-6), (chemsys, row["candidate_id"])
+    assert mixed.scale == ("r2scan" if chemsys in ("Li", "Ni", "Li-Ni") else "pbe")
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("chemsys", ["Li", "Li-O"])
+def test_both_heads_at_dft_energies_reproduce_the_mixing_scheme(li_ni_o, chemsys):
+    """Every reference material 'predicted' at its own GGA and r2SCAN raw energies gets the E_hull that pymatgen's
+    mixing scheme gives its surviving entry (r2SCAN scale: Li; GGA scale with shifted r2SCAN entries: Li-O), and
+    the all-model hull built from the same energies is the DFT hull."""
+    mixed = build_reference_hull(li_ni_o, GGA_GGA_U_R2SCAN, chemsys=chemsys)
+    raw = {str(e.entry_id): e for e in mixed.mixing.inputs}
+    kept = {str(e.entry_id): e for e in mixed.entries}
+    pairs = [(g, r) for g, r in mixed.mixing.pairs() if g and r and r in kept]
+    assert len(pairs) >= 5
+    pbe = [prediction_entry(g, raw[g].structure, energy=raw[g].energy) for g, _ in pairs]
+    r2 = [prediction_entry(g, raw[r].structure, energy=raw[r].energy) for g, r in pairs]
+    model = {i: e.energy for i, e in raw.items()}
+    rows = mixed_e_above_hull(pbe, r2, mixed, model_energies=model)
+    for (_, r), row in zip(pairs, rows, strict=True):
+        want = mixed.diagram.get_e_above_hull(kept[r], allow_negative=True)
+        assert row["error"] is None, row["error"]
+        assert row["fidelity"] == "pbe+r2scan"
+        assert row["e_hull_pred_dft_hull"] == pytest.approx(want, abs=1e-6), row["candidate_id"]
+        assert row["e_hull_pred_model_hull"] == pytest.approx(want, abs=1e-6), row["candidate_id"]
+
+
+@pytest.mark.shared_data
+def test_mixed_model_hull_moves_with_the_model(li_ni_o):
+    """Model energies of the references 0.1 eV/atom higher everywhere: the all-model mixed hull moves with them,
+    so a candidate at DFT energies sits 0.1 eV/atom below it, while the DFT-hull value is unchanged."""
+    mixed = build_reference_hull(li_ni_o, GGA_GGA_U_R2SCAN, chemsys="Li-O")
+    model = {str(e.entry_id): e.energy + 0.1 * len(e.structure) for e in mixed.mixing.inputs}
+    li2o = next(e for e in mixed.mixing.inputs if e.entry_id == "mp-1960-GGA")
+    li2o_r2 = next(e for e in mixed.mixing.inputs if e.entry_id == "mp-1960-R2SCAN")
+    [row] = mixed_e_above_hull([prediction_entry("c", li2o.structure, energy=li2o.energy)],
+                               [prediction_entry("c", li2o_r2.structure, energy=li2o_r2.energy)], mixed,
+                               model_energies=model)
+    assert row["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-6)
+    assert row["e_hull_pred_model_hull"] == pytest.approx(-0.1, abs=1e-6)
+    with pytest.raises(RecordError, match="not in the reference"):
+        model_reference_hull(mixed, {"zzz": -1.0})
+    # the GGA-scale value of a PBE-only prediction (mp-1960 GGA raw energy of MP's example file)
+    li2o_gga = prediction_entry("li2o", "Li2O", energy=-14.263600)
+    assert correct_like_reference(li2o_gga, GGA_GGA_U_R2SCAN).energy == pytest.approx(-14.950600, abs=1e-6)
+    [row] = e_above_hull([li2o_gga], mixed)
     assert row["e_hull_pred_dft_hull"] == pytest.approx(0.0, abs=1e-6)

@@ -83,3 +83,115 @@ def test_unknown_fidelity_is_an_error(world, tmp_path):
     with pytest.raises(Exception, match="emt"):
         screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", model_fidelity="pbe",
                out_dir=tmp_path)
+
+
+def test_screen_recomputes_every_reference_phase_and_says_so(world, tmp_path):
+    """At most 50 reference phases: all of them are recomputed by the model (not only those near the DFT hull),
+    and the report names them."""
+    references, candidates, truth, ckpt = world
+    files = screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", out_dir=tmp_path,
+                   truth=truth, relax=RelaxSettings(steps=5))
+    prov = json.loads(files["summary_json"].read_text())["provenance"]
+    assert prov["model_hull_phases"] == ["Al", "Al3Cu-L12", "Cu"] and prov["reference_window"] == float("inf")
+    assert prov["relax"]["steps"] == 5 and prov["run_id"] and prov["prefect_flow_run_id"] is None
+    report = pq.read_table(files["report"]).to_pylist()
+    assert {r["run_id"] for r in report} == {prov["run_id"]}
+    assert all(r["structure"] for r in report) and (tmp_path / "structures" / "relaxed.extxyz").exists()
+
+
+@pytest.fixture(scope="module")
+def li_o(mp_file):
+    from pipeline.sources.files.res import read_res_entries
+
+    entries, _ = read_res_entries(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar"))
+    return entries
+
+
+@pytest.mark.shared_data
+def test_truth_uses_only_rows_of_the_hulls_thermo_type(li_o):
+    """ingest-mp stores an entry once per thermo type, each with that type's corrections: the DFT truth of Li2O
+    (on the GGA_GGA+U hull) must come from its GGA_GGA+U row, whatever the row order."""
+    from pipeline.hull import GGA_GGA_U, build_reference_hull, thermo_entries
+    from pipeline.screening import _truth_e_hull
+
+    hull = build_reference_hull(li_o, GGA_GGA_U, chemsys="Li-O")
+    li2o = next(e for e in thermo_entries(li_o, GGA_GGA_U, elements=["Li", "O"]).entries
+                if e.entry_id == "mp-1960-GGA")
+    li2o.data["candidate_id"] = "li2o"
+    right = entry_to_row(li2o, source="mp", thermo_type=GGA_GGA_U, fidelity="pbe")
+    other = dict(right, thermo_type="GGA_GGA+U_R2SCAN", energy_adjustments=None, correction=0.0)
+    for rows in ([right, other], [other, right]):
+        got = _truth_e_hull(entries_table(rows), hull, {"li2o"})
+        assert got["li2o"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.shared_data
+def test_model_hull_window_setting(li_o):
+    from pipeline.hull import GGA_GGA_U_R2SCAN, R2SCAN, build_reference_hull
+    from pipeline.screening import ALL_REFERENCES_UP_TO, model_hull_phases
+
+    small = build_reference_hull(li_o, R2SCAN, chemsys="Li-O")
+    assert len(small.entries) <= ALL_REFERENCES_UP_TO
+    chosen, window = model_hull_phases(small, heads=("r2scan",))
+    assert window == float("inf") and len(chosen) == len(small.entries)
+    only_stable, _ = model_hull_phases(small, 0.0, heads=("r2scan",))
+    assert {i for i, _, _ in only_stable} == small.stable_entry_ids()
+    big = build_reference_hull(li_o, R2SCAN)  # 51 Li-Ni-O r2SCAN entries
+    chosen, window = model_hull_phases(big, heads=("r2scan",))
+    assert window == 0.1 and small.stable_entry_ids() <= {i for i, _, _ in chosen} and len(chosen) < 51
+    with pytest.raises(ValueError, match="window"):
+        model_hull_phases(small, -0.1)
+    # mixed: both run types of a material go together, each to its own head
+    mixed = build_reference_hull(li_o, GGA_GGA_U_R2SCAN, chemsys="Li-O")
+    chosen, _ = model_hull_phases(mixed, 0.0, heads=("pbe", "r2scan"))
+    heads = {i: h for i, _, h in chosen}
+    assert heads["mp-1960-GGA"] == "pbe" and heads["mp-1960-R2SCAN"] == "r2scan"
+
+
+@pytest.mark.shared_data
+def test_mixed_thermo_type_with_both_heads(li_o, tmp_path):
+    """GGA_GGA+U_R2SCAN with a model that has pbe and r2scan heads: candidates relaxed at both heads and placed
+    through the mixing scheme; the all-model hull has GGA phases at the PBE head, r2SCAN ones at the r2SCAN head.
+    (An untrained model, a few steps: this checks the route, not the numbers.)"""
+    from pipeline.hull import GGA_GGA_U_R2SCAN
+
+    picked = [e for e in li_o if {el.symbol for el in e.composition.elements} <= {"Li", "O"}]
+    refs = entries_table(entry_to_row(e, source="mp-res", thermo_type=GGA_GGA_U_R2SCAN,
+                                      fidelity="r2scan" if e.parameters["run_type"] == "R2SCAN" else "pbe")
+                         for e in picked)
+    li2o = next(e for e in picked if e.entry_id == "mp-1960-GGA")
+    cands = candidates_table([candidate_row("li2o", li2o.structure, source="file", origin="mp-1960")])
+    ref_fit = fit_element_references([[3], [8], [3], [8]], [-1.9, -4.9, -2.4, -5.9], ["pbe", "pbe", "r2scan", "r2scan"])
+    model = MFPotential(preset("small", elements=("Li", "O"), fidelities=("pbe", "r2scan")), ref_fit)
+    ckpt = save_checkpoint(model, tmp_path / "two-heads.pt")
+    files = screen(cands, refs, checkpoint=ckpt, thermo_type=GGA_GGA_U_R2SCAN, fidelity="pbe", out_dir=tmp_path,
+                   relax=RelaxSettings(steps=2), reference_window=0.0)
+    [row] = pq.read_table(files["report"]).to_pylist()
+    assert row["fidelity"] == "pbe+r2scan" and row["material_id"] == "mp-1960"
+    assert row["error"] is None and row["e_hull_pred_dft_hull"] is not None
+    assert row["e_hull_pred_model_hull"] is not None
+    assert set(json.loads(row["meta"])["relax"]) == {"pbe", "r2scan"}
+    prov = json.loads(files["summary_json"].read_text())["provenance"]
+    assert prov["model_heads"] == ["pbe", "r2scan"] and prov["hull_scale"] == "pbe"
+    assert "mp-1960-GGA" in prov["model_hull_phases"] and "mp-1960-R2SCAN" in prov["model_hull_phases"]
+
+
+@pytest.mark.shared_data
+def test_mixed_truth_places_raw_dft_energies_on_this_hull(li_o):
+    """A stored GGA_GGA+U_R2SCAN correction belongs to the system it was mixed in (Li mixed in Li-O is on the GGA
+    scale; the Li hull is on the r2SCAN scale): the truth uses the raw energies, placed on this hull."""
+    from pipeline.hull import GGA_GGA_U_R2SCAN, build_reference_hull
+    from pipeline.screening import _truth_e_hull
+
+    hull = build_reference_hull(li_o, GGA_GGA_U_R2SCAN, chemsys="Li")
+    assert hull.scale == "r2scan"
+    rows = []
+    for e in li_o:
+        if e.entry_id in ("mp-10173-GGA", "mp-10173-R2SCAN"):
+            e = e.copy()
+            e.data["candidate_id"] = "li-hcp"
+            fid = "r2scan" if e.entry_id.endswith("R2SCAN") else "pbe"
+            row = entry_to_row(e, source="mp", thermo_type=GGA_GGA_U_R2SCAN, fidelity=fid)
+            rows.append(dict(row, correction=-5.7, energy_adjustments=None))  # a Li-O-scale shift, to be ignored
+    got = _truth_e_hull(entries_table(rows), hull, {"li-hcp"})
+    assert got["li-hcp"] == pytest.approx(-2.380718665 - -2.3867064133333336, abs=1e-6)

@@ -6,7 +6,14 @@ from pipeline.hull.candidates import (
     read_candidate_files,
     substitute_prototypes,
 )
-from pipeline.hull.ehull import HULL_DFT, HULL_MODEL, e_above_hull, model_reference_hull, prediction_entry
+from pipeline.hull.ehull import (
+    HULL_DFT,
+    HULL_MODEL,
+    e_above_hull,
+    mixed_e_above_hull,
+    model_reference_hull,
+    prediction_entry,
+)
 from pipeline.hull.phase_diagram import ReferenceHull, build_reference_hull, build_reference_hulls
 from pipeline.hull.thermo import (
     GGA_GGA_U,
@@ -14,9 +21,11 @@ from pipeline.hull.thermo import (
     R2SCAN,
     RAW,
     THERMO_TYPES,
+    MixingState,
     ThermoEntries,
     ThermoError,
     correct_like_reference,
+    place_on_mixed_scale,
     thermo_entries,
 )
 
@@ -29,6 +38,7 @@ __all__ = [
     "R2SCAN",
     "RAW",
     "THERMO_TYPES",
+    "MixingState",
     "ReferenceHull",
     "ThermoEntries",
     "ThermoError",
@@ -37,7 +47,9 @@ __all__ = [
     "candidates_table",
     "correct_like_reference",
     "e_above_hull",
+    "mixed_e_above_hull",
     "model_reference_hull",
+    "place_on_mixed_scale",
     "prediction_entry",
     "read_candidate_files",
     "substitute_prototypes",

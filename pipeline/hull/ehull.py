@@ -6,6 +6,11 @@
 
 Energies are RAW total energies (eV) of the whole cell as the model (or a DFT code) gives them; the corrections
 of the thermo type (MP2020 for the GGA scales) are applied here, the same way to candidates and references.
+
+GGA_GGA+U_R2SCAN (pymatgen's mixing scheme): :func:`e_above_hull` places single-fidelity predictions (PBE, or
+r2SCAN) on the mixed hull's scale; :func:`mixed_e_above_hull` takes both heads of a multi-fidelity model, and its
+all-model hull re-runs the mixing scheme on the references' model energies (GGA entries at the PBE head, r2SCAN
+entries at the r2SCAN head).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +27,13 @@ from pymatgen.core.entries import ComputedEntry, ComputedStructureEntry
 
 from pipeline.frames import RecordError
 from pipeline.hull.phase_diagram import ReferenceHull, chemsys_of, decomposition_json, phase_diagram
-from pipeline.hull.thermo import GGA_GGA_U_R2SCAN, correct_like_reference
+from pipeline.hull.thermo import (
+    GGA_GGA_U_R2SCAN,
+    correct_like_reference,
+    mix,
+    place_on_mixed_scale,
+    uncorrected,
+)
 
 HULL_DFT = "dft_hull"
 HULL_MODEL = "model_hull"
@@ -68,22 +79,27 @@ def model_reference_hull(reference: ReferenceHull, model_energies: Mapping[str, 
     ``model_energies`` maps reference entry_id -> model raw total energy of that entry's cell. Entries without
     a model energy are left out (give at least every stable phase and each element). The thermo type's
     corrections are kept per entry: MP2020 corrections depend on composition, oxidation state and U, not on the
-    energy. The mixing scheme's r2SCAN shifts depend on DFT energies, so GGA_GGA+U_R2SCAN has no model hull.
+    energy. GGA_GGA+U_R2SCAN: the ids are those of the raw entries given to the mixing scheme
+    (``reference.mixing.inputs``; GGA ones at the model's PBE head, r2SCAN ones at its r2SCAN head) and the
+    mixing scheme is run again on the model energies, since its shifts depend on them.
     """
-    if reference.thermo_type == GGA_GGA_U_R2SCAN:
-        raise RecordError("no all-model hull for GGA_GGA+U_R2SCAN: its corrections depend on DFT energies")
-    unknown = set(model_energies) - {str(e.entry_id) for e in reference.entries}
+    mixed = reference.thermo_type == GGA_GGA_U_R2SCAN
+    if mixed and reference.mixing is None:
+        raise RecordError("a GGA_GGA+U_R2SCAN hull without its mixing state (build it with build_reference_hull)")
+    pool = reference.mixing.inputs if mixed else reference.entries
+    unknown = set(model_energies) - {str(e.entry_id) for e in pool}
     if unknown:
         raise RecordError(f"model energies for entries not in the reference hull: {sorted(unknown)[:5]}")
-    entries = []
-    for e in reference.entries:
-        if str(e.entry_id) in model_energies:
-            entries.append(with_raw_energy(e, float(model_energies[str(e.entry_id)])))
+    entries = [with_raw_energy(e, float(model_energies[str(e.entry_id)])) for e in pool
+               if str(e.entry_id) in model_energies]
     have = {el.symbol for e in entries if e.composition.is_element for el in e.composition.elements}
     missing = sorted(set(reference.elements) - have)
     if missing:
         raise RecordError(f"all-model hull has no elemental reference for {missing}")
-    return ReferenceHull(reference.thermo_type, reference.fidelity, entries, phase_diagram(entries), [])
+    state = None
+    if mixed:
+        entries, state = mix(entries)
+    return ReferenceHull(reference.thermo_type, reference.fidelity, entries, phase_diagram(entries), [], state)
 
 
 @dataclass
@@ -94,11 +110,57 @@ class HullPoint:
     decomposition: str | None  # JSON {reference entry_id: fraction}
 
 
-def _point(hull: ReferenceHull | None, entry: ComputedEntry) -> HullPoint:
-    if hull is None:
+def _point(hull: ReferenceHull | None, entry: ComputedEntry | None) -> HullPoint:
+    if hull is None or entry is None:
         return HullPoint(None, None)
     decomp, e_hull = hull.decomposition_and_e_above_hull(entry)
     return HullPoint(e_hull, decomposition_json(decomp))
+
+
+Placer = Callable[[ReferenceHull], ComputedEntry]
+
+
+def _placer(entry: ComputedEntry, reference: ReferenceHull, fidelity: str | None, check_potcar: bool) -> Placer:
+    """How one single-fidelity prediction is put on a hull's energy scale (the hull is an argument: the all-model
+    hull of GGA_GGA+U_R2SCAN has its own mixing state)."""
+    if reference.thermo_type != GGA_GGA_U_R2SCAN:
+        corrected = correct_like_reference(entry, reference.thermo_type, check_potcar=check_potcar)
+        return lambda hull: corrected
+    if fidelity is not None and fidelity.lower() == "r2scan":
+        raw = uncorrected(entry)
+        return lambda hull: place_on_mixed_scale(hull.mixing, r2scan=raw)
+    pbe = correct_like_reference(entry, GGA_GGA_U_R2SCAN, check_potcar=check_potcar)
+    return lambda hull: place_on_mixed_scale(hull.mixing, pbe=pbe)
+
+
+def _hull_rows(
+    items: Iterable[tuple[ComputedEntry, Callable[[], Placer]]], reference: ReferenceHull,
+    model_hull: ReferenceHull | None, fidelity: str,
+) -> list[dict[str, Any]]:
+    rows = []
+    for entry, make_placer in items:
+        row: dict[str, Any] = {
+            "candidate_id": str(entry.entry_id), "formula": entry.composition.reduced_formula,
+            "chemsys": chemsys_of(entry), "fidelity": fidelity, "thermo_type": reference.thermo_type,
+            "energy": float(entry.uncorrected_energy), "energy_per_atom": None, "correction": None,
+            "e_hull_pred_dft_hull": None, "decomposition_dft_hull": None, "e_hull_pred_model_hull": None,
+            "decomposition_model_hull": None, "error": None,
+        }
+        try:
+            place = make_placer()
+            corrected = place(reference)
+            row["energy_per_atom"] = float(corrected.energy_per_atom)
+            row["correction"] = float(corrected.correction)
+            dft = _point(reference, corrected)
+            model = _point(model_hull, None if model_hull is None else place(model_hull))
+        except Exception as exc:  # noqa: BLE001 - a failed candidate keeps its row with the error
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        else:
+            row.update({"e_hull_pred_dft_hull": dft.e_above_hull, "decomposition_dft_hull": dft.decomposition,
+                        "e_hull_pred_model_hull": model.e_above_hull,
+                        "decomposition_model_hull": model.decomposition})
+        rows.append(row)
+    return rows
 
 
 def e_above_hull(
@@ -112,38 +174,59 @@ def e_above_hull(
     """E_hull of each predicted entry against the DFT reference hull and (if ``model_energies``) the all-model hull.
 
     Each prediction is an entry whose energy is the model's raw total energy (see :func:`prediction_entry`).
-    ``fidelity``, when given, must be the reference's: energies of different fidelities are never compared.
+    ``fidelity``, when given, must be the reference's: energies of different fidelities are never compared;
+    a GGA_GGA+U_R2SCAN hull takes ``pbe`` (default) or ``r2scan`` predictions, placed on its scale by
+    :func:`pipeline.hull.thermo.place_on_mixed_scale` (both heads at once: :func:`mixed_e_above_hull`).
     Returns one dict per prediction (a failure keeps its row with ``error`` set):
     ``candidate_id, formula, chemsys, fidelity, thermo_type, energy, energy_per_atom, correction,
     e_hull_pred_dft_hull, decomposition_dft_hull, e_hull_pred_model_hull, decomposition_model_hull, error``
     (the columns of :data:`pipeline.report.schema.REPORT_SCHEMA`).
     """
-    if fidelity is not None and fidelity.lower() != reference.fidelity:
-        raise RecordError(f"predictions at fidelity {fidelity!r} against a {reference.fidelity!r} reference hull")
+    allowed = {"pbe", "r2scan"} if reference.thermo_type == GGA_GGA_U_R2SCAN else {reference.fidelity}
+    if fidelity is not None and fidelity.lower() not in allowed:
+        raise RecordError(f"predictions at fidelity {fidelity!r} against a {reference.thermo_type} "
+                          f"{reference.fidelity!r} reference hull")
     model_hull = None if model_energies is None else model_reference_hull(reference, model_energies)
-    rows = []
-    for entry in predictions:
-        row: dict[str, Any] = {
-            "candidate_id": str(entry.entry_id), "formula": entry.composition.reduced_formula,
-            "chemsys": chemsys_of(entry), "fidelity": reference.fidelity, "thermo_type": reference.thermo_type,
-            "energy": float(entry.uncorrected_energy), "energy_per_atom": None, "correction": None,
-            "e_hull_pred_dft_hull": None, "decomposition_dft_hull": None, "e_hull_pred_model_hull": None, "decomposition_model_hull": None,
-            "error": None,
-        }
-        try:
-            corrected = correct_like_reference(entry, reference.thermo_type, check_potcar=check_potcar)
-            row["energy_per_atom"] = float(corrected.energy_per_atom)
-            row["correction"] = float(corrected.correction)
-            dft = _point(reference, corrected)
-            model = _point(model_hull, corrected)
-        except Exception as exc:  # noqa: BLE001 - a failed candidate keeps its row with the error
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        else:
-            row.update({"e_hull_pred_dft_hull": dft.e_above_hull, "decomposition_dft_hull": dft.decomposition,
-                        "e_hull_pred_model_hull": model.e_above_hull,
-                        "decomposition_model_hull": model.decomposition})
-        rows.append(row)
-    return rows
+    fid = (fidelity or reference.fidelity).lower()
+    return _hull_rows(((e, lambda e=e: _placer(e, reference, fid, check_potcar)) for e in predictions),
+                      reference, model_hull, fid)
+
+
+def mixed_e_above_hull(
+    pbe: Iterable[ComputedEntry],
+    r2scan: Iterable[ComputedEntry],
+    reference: ReferenceHull,
+    *,
+    model_energies: Mapping[str, float] | None = None,
+    check_potcar: bool = False,
+) -> list[dict[str, Any]]:
+    """GGA_GGA+U_R2SCAN E_hull of candidates predicted at both heads of a multi-fidelity model.
+
+    ``pbe`` and ``r2scan`` are prediction entries (raw model energies, relaxed at each head) with the candidate id
+    as entry_id; a candidate may miss one of the two (its row then uses the other, when the scheme allows).
+    Each candidate's PBE energy (MP2020-corrected) and r2SCAN energy are placed on the mixed hull the way
+    pymatgen's ``MaterialsProjectDFTMixingScheme`` places a material with both calculations
+    (:func:`pipeline.hull.thermo.place_on_mixed_scale`). ``model_energies``: raw model energies of the reference
+    entries given to the scheme (GGA ones at the PBE head, r2SCAN ones at the r2SCAN head) for the all-model
+    hull, which re-runs the scheme on them. Rows as :func:`e_above_hull`, ``fidelity`` = ``pbe+r2scan``;
+    ``energy`` is the PBE raw energy when there is one.
+    """
+    if reference.thermo_type != GGA_GGA_U_R2SCAN or reference.mixing is None:
+        raise RecordError(f"both-head predictions need a GGA_GGA+U_R2SCAN hull, not {reference.thermo_type}")
+    by_pbe = {str(e.entry_id): e for e in pbe}
+    by_r2 = {str(e.entry_id): e for e in r2scan}
+    model_hull = None if model_energies is None else model_reference_hull(reference, model_energies)
+
+    def placer(cid: str) -> Placer:
+        p = by_pbe.get(cid)
+        p = None if p is None else correct_like_reference(p, GGA_GGA_U_R2SCAN, check_potcar=check_potcar)
+        r = by_r2.get(cid)
+        r = None if r is None else uncorrected(r)
+        return lambda hull: place_on_mixed_scale(hull.mixing, pbe=p, r2scan=r)
+
+    ids = list(dict.fromkeys([*by_pbe, *by_r2]))
+    items = [(by_pbe.get(cid) or by_r2[cid], lambda cid=cid: placer(cid)) for cid in ids]
+    return _hull_rows(items, reference, model_hull, "pbe+r2scan")
 
 
 def decomposition_ids(decomposition: str | None) -> list[str]:

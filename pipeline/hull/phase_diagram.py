@@ -15,7 +15,7 @@ from pymatgen.analysis.phase_diagram import PatchedPhaseDiagram, PhaseDiagram
 from pymatgen.core.entries import ComputedEntry
 
 from pipeline.frames import RecordError
-from pipeline.hull.thermo import EntrySource, ThermoEntries, thermo_entries
+from pipeline.hull.thermo import EntrySource, MixingState, ThermoEntries, thermo_entries
 
 #: Above this many elements in one entry set, ``patched="auto"`` builds a PatchedPhaseDiagram.
 PATCHED_MIN_ELEMENTS = 6
@@ -47,6 +47,12 @@ class ReferenceHull:
     entries: list[ComputedEntry]
     diagram: PhaseDiagram
     rejects: list[dict[str, str]] = field(default_factory=list)
+    mixing: MixingState | None = None  # GGA_GGA+U_R2SCAN: what pymatgen's mixing scheme decided
+
+    @property
+    def scale(self) -> str:
+        """Fidelity of the hull's energy scale (for GGA_GGA+U_R2SCAN: 'r2scan' or 'pbe', as pymatgen mixed it)."""
+        return self.mixing.scale if self.mixing is not None else self.fidelity
 
     @property
     def elements(self) -> list[str]:
@@ -72,7 +78,8 @@ class ReferenceHull:
         return decomp, float(e_hull)
 
     def e_above_hull_table(self) -> pa.Table:
-        """One row per reference entry: id, formula, energy per atom, formation energy, E_hull, stability."""
+        """One row per reference entry: id, formula, energy per atom, formation energy, ``e_hull`` (eV/atom, the
+        report tables' e_hull_* naming), stability."""
         rows = []
         stable = self.stable_entry_ids()
         for e in self.entries:
@@ -83,7 +90,7 @@ class ReferenceHull:
                 "chemsys": chemsys_of(e),
                 "energy_per_atom": float(e.energy_per_atom),
                 "formation_energy_per_atom": float(self.diagram.get_form_energy_per_atom(e)),
-                "e_above_hull": e_hull,
+                "e_hull": e_hull,
                 "is_stable": str(e.entry_id) in stable,
                 "decomposition": decomposition_json(decomp),
             })
@@ -118,7 +125,7 @@ def build_reference_hull(
             keep = set(elements)
             te = ThermoEntries(te.thermo_type, te.fidelity,
                                [e for e in te.entries if {x.symbol for x in e.composition.elements} <= keep],
-                               list(te.rejects))
+                               list(te.rejects), te.mixing)
     else:
         if thermo_type is None:
             raise ValueError("thermo_type is required unless ThermoEntries are given")
@@ -131,7 +138,7 @@ def build_reference_hull(
     if elements is not None and have != elements:
         raise RecordError(f"cannot build the {te.thermo_type} hull of {'-'.join(elements)}: entries only span "
                           f"{'-'.join(have)} (no entries with {sorted(set(elements) - set(have))})")
-    return ReferenceHull(te.thermo_type, te.fidelity, te.entries, diagram, list(te.rejects))
+    return ReferenceHull(te.thermo_type, te.fidelity, te.entries, diagram, list(te.rejects), te.mixing)
 
 
 def build_reference_hulls(

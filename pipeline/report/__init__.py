@@ -1,7 +1,7 @@
 """Screening reports: per-candidate Parquet (REPORT_SCHEMA), E_hull metrics, Markdown summary and plots."""
 
 from pipeline.report.metrics import classify_stable, regression_metrics, stable_metrics
-from pipeline.report.plots import parity_plot, phase_diagram_plot
+from pipeline.report.plots import e_hull_strip_plot, parity_plot, phase_diagram_plot
 from pipeline.report.schema import RELAX_STATUSES, REPORT_SCHEMA, SUMMARY_SCHEMA
 from pipeline.report.writer import ReportError, markdown_summary, report_table, summary_rows, write_report
 
@@ -11,6 +11,7 @@ __all__ = [
     "SUMMARY_SCHEMA",
     "ReportError",
     "classify_stable",
+    "e_hull_strip_plot",
     "markdown_summary",
     "parity_plot",
     "phase_diagram_plot",

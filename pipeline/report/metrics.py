@@ -5,10 +5,10 @@ benchmark package with heavy data dependencies, not a library to import; the def
 
 * truly stable: ``e_true <= threshold``; predicted stable: ``e_pred <= threshold``; a missing prediction
   (NaN/None) counts as predicted UNSTABLE;
-* precision = TP/(TP+FP), recall = TP/(TP+FN), F1, accuracy = (TP+TN)/n, prevalence = (TP+FN)/n,
-  DAF = precision / prevalence;
+* Precision = TP/(TP+FP), Recall = TPR = TP/(TP+FN), FPR = FP/(FP+TN), TNR = TN/(TN+FP), FNR = FN/(FN+TP),
+  F1, Accuracy = (TP+TN)/n, prevalence = (TP+FN)/n, DAF = Precision / prevalence;
 * MAE, RMSE, R2 over the candidates that have both values (R2 = 1 - SS_res/SS_tot).
-Undefined ratios (0/0) are NaN.
+Undefined ratios (0/0) are NaN. Keys are spelled as matbench-discovery prints them (F1, DAF, Precision, ...).
 """
 
 from __future__ import annotations
@@ -50,17 +50,18 @@ def regression_metrics(e_true: Sequence[float | None], e_pred: Sequence[float | 
     both = ~np.isnan(t) & ~np.isnan(p)
     t, p = t[both], p[both]
     if len(t) == 0:
-        return {"mae": float("nan"), "rmse": float("nan"), "r2": float("nan")}
+        return {"MAE": float("nan"), "RMSE": float("nan"), "R2": float("nan")}
     err = p - t
     ss_tot = float(np.sum((t - t.mean()) ** 2))
     r2 = 1.0 - float(np.sum(err**2)) / ss_tot if len(t) > 1 and ss_tot > 0 else float("nan")
-    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2))), "r2": r2}
+    return {"MAE": float(np.mean(np.abs(err))), "RMSE": float(np.sqrt(np.mean(err**2))), "R2": r2}
 
 
 def stable_metrics(
     e_true: Sequence[float | None], e_pred: Sequence[float | None], threshold: float = 0.0
 ) -> dict[str, float]:
-    """Classification (precision, recall, f1, accuracy, daf, counts) and regression (mae, rmse, r2) metrics."""
+    """Classification (Precision, Recall, F1, Accuracy, DAF, TPR/FPR/TNR/FNR, counts) and regression (MAE, RMSE,
+    R2) metrics."""
     tp, fn, fp, tn = classify_stable(e_true, e_pred, threshold)
     n = tp + fn + fp + tn
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
@@ -70,8 +71,9 @@ def stable_metrics(
     missing = int(np.sum(~np.isnan(t) & np.isnan(_as_float_array(e_pred))))
     return {
         "stability_threshold": float(threshold), "n": n, "n_missing_pred": missing, "prevalence": prevalence,
-        "precision": precision, "recall": recall, "f1": f1, "accuracy": _ratio(tp + tn, n),
-        "daf": _ratio(precision, prevalence) if not math.isnan(prevalence) else float("nan"),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "F1": f1, "DAF": _ratio(precision, prevalence) if not math.isnan(prevalence) else float("nan"),
+        "Precision": precision, "Recall": recall, "Accuracy": _ratio(tp + tn, n),
+        "TPR": recall, "FPR": _ratio(fp, fp + tn), "TNR": _ratio(tn, tn + fp), "FNR": _ratio(fn, fn + tp),
+        "TP": tp, "FP": fp, "TN": tn, "FN": fn,
         **regression_metrics(e_true, e_pred),
     }

@@ -1,6 +1,9 @@
-"""The screening report: per-candidate Parquet, metrics summary (Parquet + JSON), Markdown summary and plots.
+"""The screening report: per-candidate Parquet, metrics summary (Parquet + JSON), Markdown summary, plots and
+the relaxed structures (extxyz + CIF).
 
-``write_report(rows_or_table, out_dir, ...)`` is the one entry point; every file is written atomically.
+``write_report(rows_or_table, out_dir, ...)`` is the one entry point; every file is written atomically. The
+run's provenance (:mod:`pipeline.report.provenance`) goes into report.parquet's schema metadata (key
+``provenance``), summary.json and summary.md; every report and summary row carries the ``run_id``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import pyarrow as pa
 from pipeline.hull.ehull import HULL_DFT, HULL_MODEL
 from pipeline.io import write_json_atomic, write_table_atomic, write_text_atomic
 from pipeline.report.metrics import stable_metrics
-from pipeline.report.plots import HULL_LABELS, parity_plot, phase_diagram_plot
+from pipeline.report.plots import HULL_LABELS, e_hull_strip_plot, parity_plot, phase_diagram_plot
 from pipeline.report.schema import HULL_COLUMNS, RELAX_STATUSES, REPORT_SCHEMA, SUMMARY_SCHEMA
+from pipeline.report.structures import write_structures
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,10 @@ def report_table(
     *,
     model_id: str | None = None,
     data_snapshot_id: str | None = None,
+    run_id: str | None = None,
 ) -> pa.Table:
     """REPORT_SCHEMA table from rows (dicts) or a table. Keys outside the schema go into ``meta`` (JSON);
-    ``model_id`` / ``data_snapshot_id`` fill rows that have none."""
+    ``model_id`` / ``data_snapshot_id`` / ``run_id`` fill rows that have none."""
     rows = rows_or_table.to_pylist() if isinstance(rows_or_table, pa.Table) else [dict(r) for r in rows_or_table]
     names = set(REPORT_SCHEMA.names)
     out = []
@@ -65,23 +70,31 @@ def report_table(
             clean["meta"] = json.dumps(meta, sort_keys=True, default=str)
         clean["model_id"] = clean["model_id"] or model_id
         clean["data_snapshot_id"] = clean["data_snapshot_id"] or data_snapshot_id
+        clean["run_id"] = clean["run_id"] or run_id
         out.append(clean)
     return pa.Table.from_pylist(out, schema=REPORT_SCHEMA)
 
 
+def _one(table: pa.Table, column: str) -> str | None:
+    values = sorted({str(v) for v in table.column(column).to_pylist() if v is not None})
+    return ",".join(values) if values else None
+
+
 def summary_rows(table: pa.Table, thresholds: Sequence[float] = (0.0,)) -> list[dict[str, Any]]:
-    """SUMMARY_SCHEMA rows: metrics of each hull's prediction at each threshold (candidates with a DFT E_hull)."""
+    """SUMMARY_SCHEMA rows: metrics of each hull's prediction at each threshold (candidates with a DFT E_hull),
+    each row labelled with the run, model, fidelity and thermo type so that summaries of many runs concatenate."""
     e_true = table.column("e_hull_true").to_pylist()
     out: list[dict[str, Any]] = []
     if all(t is None for t in e_true):
         return out  # no DFT answer known: nothing to score
+    labels = {k: _one(table, k) for k in ("run_id", "model_id", "fidelity", "thermo_type")}
     for hull, col in HULL_COLUMNS.items():
         pred = table.column(col).to_pylist()
         if all(p is None for p in pred):
             continue  # this hull was not computed (e.g. no model energies for the reference phases)
         for t in thresholds:
             m = stable_metrics(e_true, pred, t)
-            out.append({"hull": hull, **{k: m[k] for k in SUMMARY_SCHEMA.names if k in m}})
+            out.append({**labels, "hull": hull, **{k: m[k] for k in SUMMARY_SCHEMA.names if k in m}})
     return out
 
 
@@ -93,12 +106,25 @@ def _fmt(x: Any, nd: int = 3) -> str:
 
 def markdown_summary(
     table: pa.Table, summary: Sequence[Mapping[str, Any]], files: Mapping[str, Path], title: str,
-    notes: Sequence[str] = (), top: int = 20,
+    notes: Sequence[str] = (), top: int = 20, provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Human-readable summary: provenance, counts, metrics per hull, best candidates, failures, plots."""
     rows = table.to_pylist()
     failed = [r for r in rows if r["error"]]
     lines = [f"# {title}", ""]
+    prov = dict(provenance or {})
+    for key in ("run_id", "created_utc", "code_version", "prefect_flow_run_id"):
+        if key in prov:
+            lines.append(f"- {key}: {prov[key] if prov[key] is not None else 'n/a'}")
+    if prov.get("packages"):
+        lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in prov["packages"].items() if v))
+    if prov.get("relax"):
+        lines.append("- relaxation: " + ", ".join(f"{k}={v}" for k, v in prov["relax"].items()))
+    if "model_hull_phases" in prov:
+        phases = prov["model_hull_phases"] or []
+        lines.append(f"- all-model hull: {len(phases)} reference phases recomputed by the model "
+                     f"(window {prov.get('reference_window')} eV/atom): {', '.join(phases[:30])}"
+                     + (f" ... (+{len(phases) - 30}, see summary.json)" if len(phases) > 30 else ""))
     for key in ("fidelity", "thermo_type", "model_id", "data_snapshot_id"):
         values = sorted({str(r[key]) for r in rows if r[key] is not None})
         lines.append(f"- {key}: {', '.join(values) if values else 'n/a'}")
@@ -109,13 +135,11 @@ def markdown_summary(
     lines += [f"- **{k}**: {v}" for k, v in HULL_DEFINITIONS.items()]
     lines += ["", "## Metrics (candidates with a known DFT E_hull)", ""]
     if summary:
-        lines += ["| hull | threshold | n | precision | recall | F1 | accuracy | DAF | MAE | RMSE | R2 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        cols = ("F1", "DAF", "Precision", "Recall", "Accuracy", "TPR", "FPR", "TNR", "FNR", "MAE", "RMSE", "R2")
+        lines += ["| hull | threshold | n | " + " | ".join(cols) + " |", "|---" * (3 + len(cols)) + "|"]
         for m in summary:
-            lines.append(
-                f"| {m['hull']} | {_fmt(m['stability_threshold'])} | {m['n']} | {_fmt(m['precision'])} | "
-                f"{_fmt(m['recall'])} | {_fmt(m['f1'])} | {_fmt(m['accuracy'])} | {_fmt(m['daf'], 2)} | "
-                f"{_fmt(m['mae'])} | {_fmt(m['rmse'])} | {_fmt(m['r2'])} |")
+            lines.append(f"| {m['hull']} | {_fmt(m['stability_threshold'])} | {m['n']} | "
+                         + " | ".join(_fmt(m[c], 2 if c == "DAF" else 3) for c in cols) + " |")
     else:
         lines.append("No candidate has a DFT E_hull: no metrics.")
     col = "e_hull_pred_model_hull" if any(r["e_hull_pred_model_hull"] is not None for r in rows) \
@@ -140,6 +164,12 @@ def markdown_summary(
     return "\n".join(lines) + "\n"
 
 
+def _with_provenance(table: pa.Table, provenance: Mapping[str, Any]) -> pa.Table:
+    meta = dict(table.schema.metadata or {})
+    meta[b"provenance"] = json.dumps(provenance, sort_keys=True, default=str).encode()
+    return table.replace_schema_metadata(meta)
+
+
 def write_report(
     rows_or_table: pa.Table | Iterable[Mapping[str, Any]],
     out_dir: str | os.PathLike[str],
@@ -149,34 +179,50 @@ def write_report(
     threshold: float = 0.0,
     reference_diagram: Any = None,
     title: str = "E_hull screening report",
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write report.parquet, summary.parquet, summary.json, summary.md, parity.png and (given the reference
-    phase diagram, 2-4 elements) phase_diagram.png into ``out_dir``; return {name: path}.
+    """Write report.parquet, summary.parquet, summary.json, summary.md, parity.png, the phase diagram (2-4
+    elements: phase_diagram.png) or E_hull strip plot (more: e_hull_strip.png), and the relaxed structures
+    (structures/relaxed.extxyz, structures/<candidate>.cif) into ``out_dir``; return {name: path}.
 
     Metrics are computed at 0 eV/atom and at ``threshold`` (if different). ``reference_diagram`` is a pymatgen
-    PhaseDiagram or a :class:`pipeline.hull.ReferenceHull` (its diagram is used).
+    PhaseDiagram or a :class:`pipeline.hull.ReferenceHull` (its diagram is used). ``provenance``: see
+    :func:`pipeline.report.provenance.provenance` (a fresh one, with a new run id, when not given).
     """
+    from pipeline.report.provenance import provenance as new_provenance
+
     out = Path(out_dir)
-    table = report_table(rows_or_table, model_id=model_id, data_snapshot_id=data_snapshot_id)
+    prov = dict(provenance) if provenance is not None else new_provenance()
+    table = report_table(rows_or_table, model_id=model_id, data_snapshot_id=data_snapshot_id,
+                         run_id=prov.get("run_id"))
     thresholds = sorted({0.0, float(threshold)})
     summary = summary_rows(table, thresholds)
-    files: dict[str, Path] = {"report": write_table_atomic(table, out / "report.parquet")}
+    files: dict[str, Path] = {"report": write_table_atomic(_with_provenance(table, prov), out / "report.parquet")}
     files["summary_parquet"] = write_table_atomic(pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
                                                   out / "summary.parquet")
     rows = table.to_pylist()
-    notes: list[str] = []
-    files["parity_plot"] = parity_plot(rows, out / "parity.png", threshold=float(threshold))
+    notes: list[str] = list(prov.get("notes") or [])
+    labels = _plot_labels(rows)
+    files["parity_plot"] = parity_plot(rows, out / "parity.png", threshold=float(threshold), subtitle=labels)
     if reference_diagram is not None:
         diagram = getattr(reference_diagram, "diagram", reference_diagram)
+        n_el = len(diagram.elements)
+        plot_title = f"{'-'.join(el.symbol for el in diagram.elements)}: {labels}"
         try:
-            files["phase_diagram_plot"] = phase_diagram_plot(diagram, rows, out / "phase_diagram.png")
+            if n_el <= 4:
+                files["phase_diagram_plot"] = phase_diagram_plot(diagram, rows, out / "phase_diagram.png",
+                                                                 title=plot_title)
+            else:
+                files["e_hull_strip_plot"] = e_hull_strip_plot(rows, out / "e_hull_strip.png", title=plot_title)
         except ValueError as exc:
             notes.append(f"no phase diagram plot: {exc}")
             log.warning("report: no phase diagram plot: %s", exc)
+    files.update(write_structures(rows, out / "structures"))
     files["summary_json"] = out / "summary.json"
     files["summary_md"] = out / "summary.md"
     write_json_atomic(files["summary_json"], {
         "title": title,
+        "provenance": {k: v for k, v in prov.items() if k != "notes"},
         "n_candidates": table.num_rows,
         "n_failed": sum(1 for r in rows if r["error"]),
         "relax_status": dict(Counter(r["relax_status"] or "unknown" for r in rows)),
@@ -188,6 +234,14 @@ def write_report(
         "metrics": [{k: _clean(v) for k, v in m.items()} for m in summary],
         "notes": notes,
         "files": {k: p.name for k, p in files.items()},
-    })
-    write_text_atomic(files["summary_md"], markdown_summary(table, summary, files, title, notes))
+    }, default=str)
+    write_text_atomic(files["summary_md"], markdown_summary(table, summary, files, title, notes, provenance=prov))
     return files
+
+
+def _plot_labels(rows: Sequence[Mapping[str, Any]]) -> str:
+    """'fidelity <f>, model <m>' for plot titles (joined when rows differ)."""
+    fid = ", ".join(sorted({r["fidelity"] for r in rows if r.get("fidelity")})) or "n/a"
+    model = ", ".join(sorted({r["model_id"] for r in rows if r.get("model_id")})) or "n/a"
+    thermo = ", ".join(sorted({r["thermo_type"] for r in rows if r.get("thermo_type")}))
+    return f"{thermo + ', ' if thermo else ''}fidelity {fid}, model {model}"
