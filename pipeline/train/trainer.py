@@ -132,7 +132,7 @@ def prepare_config(frames: pa.Table, config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, fidelities=tuple(fids), elements=tuple(zs))
 
 
-def _build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
+def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
                  references: ElementReferences | None,
                  reference_overrides: Mapping[str, Mapping[str, float]] | None):
     """(model, data, train_idx, val_idx): fresh, or expanded from ``cfg.init_from``."""
@@ -201,7 +201,7 @@ def train(
     torch.manual_seed(cfg.seed)
     frames = apply_label_policy(frames, cfg.label_policy)
     data_hash = frames_hash(frames)
-    model, data, train_idx, val_idx = _build_model(frames, model_config, cfg, references, reference_overrides)
+    model, data, train_idx, val_idx = build_model(frames, model_config, cfg, references, reference_overrides)
     model = model.to(device=cfg.device, dtype=dtype)
     config = model.config
     trained = freeze(model, cfg.freeze)
