@@ -56,7 +56,7 @@ def test_strategy_smoke(strategy, frames, tmp_path):
         init = str(train(named, preset("small"), TrainConfig(max_steps=1, val_fraction=0.0), tmp_path / "mf0",
                          resume=False).last)
     res = run_strategy(strategy, frames, preset("small"), cfg, tmp_path / strategy, high="hi", low="lo", steps=4,
-                       init_from=init, inner_steps=1)
+                       init_from=init, inner_steps=3)
     assert res.steps == 4, res.to_dict()  # matched steps, counted over all stages
     test = frames.filter(__import__("pyarrow.compute", fromlist=["x"]).equal(frames.column("fidelity"), "hi"))
     err = errors(predict(res.terms, test), test)

@@ -112,7 +112,7 @@ def _reptile(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig, step
     for i in train_idx:
         tasks.setdefault(data.fidelity_names[i], []).append(i)
     rng = np.random.default_rng(cfg.seed)
-    done, rounds = 0, max(1, steps // (inner_steps * len(tasks)))
+    done, rounds = 0, max(1, math.ceil(steps / (inner_steps * len(tasks))))
     for t in range(rounds):
         meta = [p.detach().clone() for p in model.parameters()]
         adapted = [torch.zeros_like(p) for p in meta]
@@ -123,6 +123,8 @@ def _reptile(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig, step
                     p.copy_(m)
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             for _ in range(inner_steps):
+                if done >= steps:  # the budget is counted in optimizer steps, the last round may be short
+                    break
                 idx = rng.choice(tasks[fid], size=min(cfg.batch_size, len(tasks[fid])), replace=False).tolist()
                 graph, labels = data.batch(idx)
                 graph, labels = graph.to(cfg.device, dtype), labels.to(cfg.device, dtype)
