@@ -22,7 +22,7 @@ from pipeline.model.layers import FidelityLinear
 from pipeline.model.potential import MFPotential
 from pipeline.model.references import ElementReferences
 
-__all__ = ["FREEZE_MODES", "expand_model", "freeze", "parse_new_fidelities"]
+__all__ = ["FREEZE_MODES", "expand_model", "freeze", "parse_new_fidelities", "tie_fidelity_rows"]
 
 #: 'none': train everything; 'fidelity': only the fidelity-conditioned linears and the readout
 FREEZE_MODES = ("none", "fidelity")
@@ -124,6 +124,14 @@ def expand_model(
         model.shift.copy_(shift)
         model.scale.copy_(scale)
     return model
+
+
+def tie_fidelity_rows(model: MFPotential, source: int = 0) -> None:
+    """Make every fidelity's one-hot rows equal to fidelity ``source``'s in all fidelity-conditioned linears."""
+    rows = {k: source for k in range(len(model.fidelities)) if k != source}
+    for mod in model.modules():
+        if isinstance(mod, FidelityLinear) and mod.num_fidelities:
+            _copy_fidelity_rows(mod, rows)
 
 
 def freeze(model: MFPotential, mode: str) -> list[str]:

@@ -39,7 +39,13 @@ from pipeline.model.references import ElementReferences, references_from_frames
 from pipeline.progress import progress as progress_bar
 from pipeline.train.data import FrameData, apply_label_policy, split_by_group
 from pipeline.train.evaluation import evaluate
-from pipeline.train.finetune import FREEZE_MODES, expand_model, freeze, parse_new_fidelities
+from pipeline.train.finetune import (
+    FREEZE_MODES,
+    expand_model,
+    freeze,
+    parse_new_fidelities,
+    tie_fidelity_rows,
+)
 from pipeline.train.losses import LOSS_KINDS, LossWeights, loss_terms, total_loss
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,9 @@ class TrainConfig:
     ``patience``: early stopping after this many epochs without a better selection score (None: never).
     ``target_fidelity``: the fidelity whose validation loss selects ``best.pt``. ``init_from``: checkpoint to
     fine-tune; ``new_fidelities``: {new: source} fidelities added to it; ``freeze``: see
-    :data:`pipeline.train.finetune.FREEZE_MODES`."""
+    :data:`pipeline.train.finetune.FREEZE_MODES`. ``tie_fidelities``: a fresh model starts with every fidelity's
+    conditioned weights equal to the first fidelity's (all fidelities start as one function, up to their
+    references and scales), so that a scarce fidelity learns a difference instead of a random head."""
 
     epochs: int = 100
     max_steps: int | None = None
@@ -85,6 +93,7 @@ class TrainConfig:
     init_from: str | None = None
     new_fidelities: dict[str, str] | None = None
     freeze: str = "none"
+    tie_fidelities: bool = True
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -163,6 +172,8 @@ def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
     else:
         config = dataclasses.replace(config, avg_num_neighbors=data.avg_num_neighbors(train_idx))
         model = MFPotential(config, references)
+        if cfg.tie_fidelities:
+            tie_fidelity_rows(model)
     if cfg.target_fidelity and cfg.target_fidelity not in model.fidelities:
         raise ValueError(f"target fidelity {cfg.target_fidelity!r} is not one of {', '.join(model.fidelities)}")
     return model, data, train_idx, val_idx
