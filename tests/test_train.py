@@ -243,3 +243,17 @@ def test_train_init_from_with_new_fidelity(frames, tmp_path):
     src = load_checkpoint(ckpt)
     frozen = "blocks.0.conv.radial_mlp.layer0.weight"
     torch.testing.assert_close(res.model.state_dict()[frozen], src.state_dict()[frozen])
+
+
+def test_fresh_model_ties_fidelities(frames, tmp_path):
+    """Before the first step every fidelity is the same function up to its references and scale."""
+    from pipeline.graphs import atoms_to_graph
+
+    res = train(frames, preset("small"), _cfg(max_steps=1, lr=0.0), tmp_path, resume=False)
+    model = res.model.double()
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    atoms.rattle(0.05, seed=3)
+    g = atoms_to_graph(atoms, model.cutoff, dtype=torch.float64)
+    f_hi, f_lo = model.predict(g, "hi")["forces"], model.predict(g, "lo")["forces"]
+    ratio = model.scale[0, 0] / model.scale[1, 0]
+    torch.testing.assert_close(f_hi, f_lo * ratio)
