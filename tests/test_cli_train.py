@@ -4,33 +4,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from ase.build import bulk
-from ase.calculators.emt import EMT
 
 from pipeline.cli import main
-from pipeline.frames import atoms_to_frame_row, frames_table
 from pipeline.io import write_table_atomic
 
 
 @pytest.fixture(scope="module")
-def frames_dir(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(8):
-        atoms = bulk("Al", "fcc", a=4.05, cubic=True)
-        atoms.numbers[rng.choice(4, size=k % 3, replace=False)] = 29
-        atoms.rattle(0.05, seed=k)
-        atoms.calc = EMT()
-        e = atoms.get_potential_energy()
-        rows.append(atoms_to_frame_row(atoms, frame_id=f"lo:{k}", source="t", fidelity="lo"))
-        if k % 2 == 0:
-            rows.append(atoms_to_frame_row(atoms, frame_id=f"hi:{k}", source="t", fidelity="hi",
-                                           energy=1.1 * e + 0.3 * len(atoms), forces=None, stress=None))
+def frames_dir(emt_frames, tmp_path_factory):
     path = tmp_path_factory.mktemp("frames") / "frames.parquet"
-    write_table_atomic(frames_table(rows), path)
+    write_table_atomic(emt_frames(8, hi_every=2), path)
     return path
 
 

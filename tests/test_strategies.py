@@ -6,10 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from ase.build import bulk
-from ase.calculators.emt import EMT
 
-from pipeline.frames import atoms_to_frame_row, frames_table
 from pipeline.model import preset
 from pipeline.train import TrainConfig, train
 from pipeline.train.strategies import STRATEGIES, delta_frames, errors, predict, run_strategy
@@ -18,21 +15,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def frames():
-    """EMT Al-Cu cells: 'lo' = EMT (E, F, S) for all, 'hi' = 1.1 E + 0.3 eV/atom, 1.1 F for every other one."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for k in range(12):
-        atoms = bulk("Al", "fcc", a=4.05, cubic=True)
-        atoms.numbers[rng.choice(4, size=k % 3, replace=False)] = 29
-        atoms.rattle(0.05, seed=k)
-        atoms.calc = EMT()
-        e, f = atoms.get_potential_energy(), atoms.get_forces()
-        rows.append(atoms_to_frame_row(atoms, frame_id=f"lo:{k}", source="t", fidelity="lo"))
-        if k % 2 == 0:
-            rows.append(atoms_to_frame_row(atoms, frame_id=f"hi:{k}", source="t", fidelity="hi",
-                                           energy=1.1 * e + 0.3 * len(atoms), forces=1.1 * f, stress=None))
-    return frames_table(rows)
+def frames(emt_frames):
+    return emt_frames(12, hi_every=2, hi_forces=True)
 
 
 def test_delta_frames_pair_structures(frames):
