@@ -185,3 +185,25 @@ def test_rank_deficient_high_fidelity_gets_mean_offset():
         assert refs.energies["r2scan"][el] == pytest.approx(pbe[el] - 1.2, abs=1e-6), el
     with pytest.raises(ValueError, match="base fidelity"):
         fit_element_references(numbers, energies, fids, base="scan")
+
+
+def test_label_policy_applies_to_the_reference_fit():
+    """A fidelity whose forces the policy drops shares the base scale; dropped energies are not fitted."""
+    from pipeline.train import apply_label_policy
+
+    rows = []
+    for k, a0 in enumerate((5.40, 5.43, 5.46)):
+        a = bulk("Si", "diamond", a=a0)
+        rows.append(frame_row(frame_id=f"p{k}", source="t", fidelity="pbe", numbers=a.numbers, positions=a.positions,
+                              cell=a.cell.array, energy=-10.8 + 0.01 * k, forces=np.full((2, 3), 0.5)))
+        rows.append(frame_row(frame_id=f"r{k}", source="t", fidelity="r2scan", numbers=a.numbers,
+                              positions=a.positions, cell=a.cell.array, energy=-17.4 + 0.01 * k,
+                              forces=np.full((2, 3), 0.01)))
+    table = frames_table(rows)
+    policy = {"r2scan": ("energy",), "pbe": ("forces",)}
+    masked = apply_label_policy(table, policy)
+    assert masked.column("has_forces").to_pylist() == [True, False] * 3
+    assert masked.column("has_energy").to_pylist() == [False, True] * 3
+    refs = references_from_frames(masked)
+    assert list(refs.energies) == ["r2scan"]  # PBE energies switched off: r2SCAN is the only (base) fidelity
+    assert refs.scales["pbe"] == pytest.approx(0.5)

@@ -154,10 +154,10 @@ def fit_element_references(
     cell) from the offset; the prior gives a fidelity with 1-5 structures, or a single composition, the mean
     offset for the elements it cannot separate, and elements it never saw get ``b + d_f``.
 
-    Scales: the base fidelity's is the RMS of its force components (the RMS of its per-atom energy residuals
-    without forces, else 1). Another fidelity keeps the base scale unless it has forces on at least
-    ``MIN_SCALE_FRAMES`` structures; its own force RMS is then bounded to within ``SCALE_BOUND`` x the base's,
-    so a few (near-)equilibrium cells can never collapse it.
+    Scales: the fidelity with the most force-labelled structures sets the base scale, the RMS of its force
+    components (without any forces: the RMS of the energy base's per-atom residuals, else 1). Another fidelity
+    keeps the base scale unless it has forces on at least ``MIN_SCALE_FRAMES`` structures; its own force RMS is
+    then bounded to within ``SCALE_BOUND`` x the base's, so a few (near-)equilibrium cells can never collapse it.
     """
     n = len(energies)
     if not (len(numbers) == n == len(fidelities)):
@@ -225,22 +225,26 @@ def fit_element_references(
         ref_f = b + coef[c] + coef[c + 1:c + 1 + ne]
         refs.energies[f] = {chemical_symbols[z]: float(v) for z, v in zip(present, ref_f)}
 
-    # scales
-    idx_base = np.flatnonzero(fids == base)
-    base_scale, _ = _force_rms(forces, idx_base) if forces is not None else (None, 0)
-    if base_scale is None:
+    # scales: the fidelity with the most force labels sets the shared scale (the energy base's residual RMS
+    # when no fidelity has forces)
+    all_fids = sorted(set(fids))
+    force_stats = {f: _force_rms(forces, np.flatnonzero(fids == f)) if forces is not None else (None, 0)
+                   for f in all_fids}
+    with_forces = [f for f in all_fids if force_stats[f][0] is not None]
+    if with_forces:
+        scale_base = max(with_forces, key=lambda f: (force_stats[f][1], f == base))
+        base_scale = force_stats[scale_base][0]
+    else:
+        scale_base = base
         kb = np.flatnonzero(labelled & (fids == base))
         nat = np.array([x_all[k].sum() for k in kb])
         pred = np.array([x_all[k][present] @ b for k in kb])
         resid = (e_all[kb] - pred) / nat
         rms = float(np.sqrt(np.mean(resid**2))) if resid.size > 1 else 0.0
         base_scale = rms if rms > 1e-6 else 1.0
-    refs.scales[base] = base_scale
-    for f in sorted(set(fids)):
-        if f == base:
-            continue
-        own, n_frames = _force_rms(forces, np.flatnonzero(fids == f)) if forces is not None else (None, 0)
-        if own is None or n_frames < MIN_SCALE_FRAMES:
+    for f in all_fids:
+        own, n_frames = force_stats[f]
+        if f == scale_base or own is None or n_frames < MIN_SCALE_FRAMES:
             refs.scales[f] = base_scale
         else:
             refs.scales[f] = float(np.clip(own, base_scale / SCALE_BOUND, base_scale * SCALE_BOUND))
