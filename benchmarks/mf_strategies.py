@@ -39,9 +39,10 @@ import torch
 
 from pipeline.hashing import frames_hash, structure_hash
 from pipeline.io import read_table
-from pipeline.model import fit_element_references, load_checkpoint, preset
+from pipeline.model import load_checkpoint, preset
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import TrainConfig, train
+from pipeline.train.finetune import apply_shift, fit_shift
 from pipeline.train.strategies import STRATEGIES, errors, predict, run_strategy
 
 DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
@@ -62,18 +63,9 @@ def subset(frames: pa.Table, high: str, fraction: float, seed: int) -> pa.Table:
 def shifted(pred_train: list[dict], train_high: pa.Table, pred_test: list[dict], test: pa.Table) -> list[dict]:
     """Test predictions + per-element shift (label - prediction) fitted on the training high frames."""
     nums = train_high.column("numbers").to_pylist()
-    n = len(nums)
-    refs = fit_element_references(nums + nums, [p["energy"] for p in pred_train] + train_high.column(
-        "energy").to_pylist(), ["model"] * n + ["target"] * n, None, [str(k) for k in range(n)] * 2, base="model")
-    shift = {el: refs.energies["target"][el] - refs.energies["model"][el] for el in refs.energies["target"]}
-    mean = float(np.mean(list(shift.values())))
-    from ase.data import chemical_symbols
-
-    out = []
-    for p, z in zip(pred_test, test.column("numbers").to_pylist()):
-        out.append({"energy": p["energy"] + sum(shift.get(chemical_symbols[k], mean) for k in z),
-                    "forces": p["forces"]})
-    return out
+    shift = fit_shift(nums, [p["energy"] for p in pred_train], train_high.column("energy").to_pylist())
+    return [{"energy": p["energy"] + apply_shift(shift, z), "forces": p["forces"]}
+            for p, z in zip(pred_test, test.column("numbers").to_pylist())]
 
 
 def main() -> None:

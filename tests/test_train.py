@@ -257,3 +257,21 @@ def test_fresh_model_ties_fidelities(frames, tmp_path):
     f_hi, f_lo = model.predict(g, "hi")["forces"], model.predict(g, "lo")["forces"]
     ratio = model.scale[0, 0] / model.scale[1, 0]
     torch.testing.assert_close(f_hi, f_lo * ratio)
+
+
+def test_new_fidelity_starts_as_source_plus_fitted_shift(frames, tmp_path):
+    """Fine-tuning into a new fidelity: before any update it predicts the source fidelity + a per-element shift
+    fitted on its own energies (least squares), so its energy RMSE is no worse than the source fidelity's."""
+    import pyarrow as pa
+
+    from pipeline.train import evaluate_frames
+
+    ckpt = _source_checkpoint(frames, tmp_path)
+    fids = ["new-hi" if f == "hi" else f for f in frames.column("fidelity").to_pylist()]
+    renamed = frames.set_column(frames.schema.get_field_index("fidelity"), "fidelity", pa.array(fids))
+    res = train(renamed, preset("small"), _cfg(max_steps=1, lr=0.0, init_from=str(ckpt),
+                                               new_fidelities={"new-hi": "hi"}), tmp_path / "ft", resume=False)
+    hi_frames = frames.filter(pa.array([f == "hi" for f in frames.column("fidelity").to_pylist()]))
+    before = evaluate_frames(load_checkpoint(ckpt), hi_frames)["hi/energy_rmse_meV_atom"]
+    after = evaluate_frames(res.model, hi_frames, fidelity="new-hi")["new-hi/energy_rmse_meV_atom"]
+    assert after <= before + 1e-3, (after, before)

@@ -15,14 +15,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+import pyarrow as pa
 import torch
+from ase.data import chemical_symbols
 from torch import nn
 
 from pipeline.model.layers import FidelityLinear
 from pipeline.model.potential import MFPotential
-from pipeline.model.references import ElementReferences
+from pipeline.model.references import ElementReferences, fit_element_references
 
-__all__ = ["FREEZE_MODES", "expand_model", "freeze", "parse_new_fidelities", "tie_fidelity_rows"]
+__all__ = ["FREEZE_MODES", "apply_shift", "expand_model", "fit_shift", "freeze", "parse_new_fidelities", "source_offsets", "tie_fidelity_rows"]
 
 #: 'none': train everything; 'fidelity': only the fidelity-conditioned linears and the readout
 FREEZE_MODES = ("none", "fidelity")
@@ -64,19 +67,39 @@ def _copy_fidelity_rows(new_mod: FidelityLinear, source_rows: Mapping[int, int])
                     view[k] = view[src]
 
 
+def fit_shift(numbers: Sequence[Sequence[int]], predicted: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """Per-element energy shift (label - prediction, eV/atom) by the joint reference fit of
+    :mod:`pipeline.model.references` on paired rows: a mean offset plus ridge-shrunk per-element deviations, so
+    that a handful of structures still gives sensible values (an element without data gets the mean)."""
+    nums = [list(z) for z in numbers]
+    n = len(nums)
+    refs = fit_element_references(nums + nums, [*predicted, *labels], ["model"] * n + ["target"] * n, None,
+                                  [str(k) for k in range(n)] * 2, base="model")
+    return {el: refs.energies["target"][el] - refs.energies["model"].get(el, 0.0) for el in refs.energies["target"]}
+
+
+def apply_shift(shift: Mapping[str, float], numbers: Sequence[int]) -> float:
+    """Total shift (eV) of a structure; elements without a value get the mean shift."""
+    mean = float(np.mean(list(shift.values()))) if shift else 0.0
+    return float(sum(shift.get(chemical_symbols[z], mean) for z in numbers))
+
+
 def expand_model(
     source: MFPotential,
     elements: Sequence[int] = (),
     new_fidelities: Mapping[str, str] | None = None,
     references: ElementReferences | None = None,
+    offsets: Mapping[str, Mapping[str, float]] | None = None,
 ) -> MFPotential:
     """A copy of ``source`` with ``elements`` not yet known appended (sorted) and fidelities appended
     (``new_fidelities``: new name -> the existing fidelity it starts from).
 
     Existing fidelities and elements keep the source's weights, references and scale (so their predictions are
     unchanged before the first step); a new fidelity gets its source's weights and scale and the element
-    references ``references`` gives it; new elements get ``references``' values (estimated for fidelities the
-    fit did not cover, see :meth:`ElementReferences.shift_matrix`)."""
+    references ``references`` gives it, or, when ``offsets[new]`` is given (element -> eV/atom, see
+    :func:`fit_shift`), its source's references plus those offsets (it then starts as "source + per-element
+    shift"); new elements get ``references``' values (estimated for fidelities the fit did not cover, see
+    :meth:`ElementReferences.shift_matrix`)."""
     new_fidelities = dict(new_fidelities or {})
     old_cfg = source.config
     for new, src in new_fidelities.items():
@@ -116,14 +139,38 @@ def expand_model(
     shift[:n_f, :n_e] = source.shift
     scale[:n_f, :n_e] = source.scale
     scale[:n_f, n_e:] = source.scale[:, :1]
+    new_names = list(new_fidelities)
     for k, src in rows.items():
         scale[k] = scale[src]
-        if fitted is None:
-            shift[k] = shift[src]
+        off = (offsets or {}).get(new_names[k - n_f])
+        if fitted is None or off is not None:
+            shift[k, :n_e] = shift[src, :n_e]
+        if off is not None:
+            mean = float(np.mean(list(off.values()))) if off else 0.0
+            for b, z in enumerate(old_cfg.elements):
+                shift[k, b] += off.get(chemical_symbols[z], mean)
     with torch.no_grad():
         model.shift.copy_(shift)
         model.scale.copy_(scale)
     return model
+
+
+def source_offsets(source: MFPotential, frames: pa.Table, new_fidelities: Mapping[str, str],
+                   limit: int = 64) -> dict[str, dict[str, float]]:
+    """For each new fidelity with energy-labelled frames (at most ``limit``, in table order, only elements the
+    source knows): :func:`fit_shift` of its labels against the source fidelity's predictions."""
+    from pipeline.train.evaluation import predict
+
+    out: dict[str, dict[str, float]] = {}
+    known = set(source.elements)
+    rows = frames.to_pylist()
+    for new, src in new_fidelities.items():
+        mine = [r for r in rows if r["fidelity"] == new and r["has_energy"] and set(r["numbers"]) <= known][:limit]
+        if not mine:
+            continue
+        preds = predict([(source, src)], pa.Table.from_pylist(mine, schema=frames.schema))
+        out[new] = fit_shift([r["numbers"] for r in mine], [p["energy"] for p in preds], [r["energy"] for r in mine])
+    return out
 
 
 def tie_fidelity_rows(model: MFPotential, source: int = 0) -> None:

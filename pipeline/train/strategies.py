@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from pipeline.graphs import batch_graphs, frame_rows_to_graph
 from pipeline.hashing import structure_hash
 from pipeline.model.checkpoint import save_checkpoint
 from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
 from pipeline.train.data import apply_label_policy
+from pipeline.train.evaluation import predict
 from pipeline.train.losses import loss_terms, total_loss
 from pipeline.train.trainer import TrainConfig, build_model, train
 
@@ -214,29 +214,6 @@ def run_strategy(
             k: v for k, v in sources.items() if k in have and k != v}))
         terms, n = [(res.model, high)], res.steps
     return StrategyResult(strategy, terms, n, time.perf_counter() - t0, ckpts)
-
-
-def predict(terms: Sequence[tuple[MFPotential, str]], frames: pa.Table, batch_size: int = 16,
-            device: str = "cpu") -> list[dict[str, Any]]:
-    """Per frame: predicted energy (eV), forces (n, 3) eV/A, summed over the (model, fidelity) terms."""
-    rows = frames.to_pylist()
-    preds: list[dict[str, Any]] = [{"energy": 0.0, "forces": 0.0} for _ in rows]
-    for model, fid in terms:
-        model.eval()
-        model.fidelity_index(fid)  # unknown names: KeyError listing the known ones
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            graph = batch_graphs([frame_rows_to_graph([dict(r, fidelity=fid)], model.cutoff, model.fidelities,
-                                                      model.shift.dtype) for r in chunk]).to(device)
-            out = model(graph, compute_forces=True, compute_stress=False, create_graph=False)
-            e = out["energy"].detach().double().cpu().numpy()
-            f = out["forces"].detach().double().cpu().numpy()
-            sizes = np.cumsum([0] + [len(r["numbers"]) for r in chunk])
-            for k in range(len(chunk)):
-                p = preds[start + k]
-                p["energy"] = p["energy"] + e[k]
-                p["forces"] = p["forces"] + f[sizes[k]:sizes[k + 1]]
-    return preds
 
 
 def errors(preds: Sequence[dict[str, Any]], frames: pa.Table) -> dict[str, float]:

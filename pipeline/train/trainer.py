@@ -44,6 +44,7 @@ from pipeline.train.finetune import (
     expand_model,
     freeze,
     parse_new_fidelities,
+    source_offsets,
     tie_fidelity_rows,
 )
 from pipeline.train.losses import LOSS_KINDS, LossWeights, loss_terms, total_loss
@@ -168,7 +169,9 @@ def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
         references = references.override(fid, energies)
     if source is not None:
         zs = sorted({z for nums in frames.column("numbers").to_pylist() for z in nums})
-        model = expand_model(source, zs, new_fids, references)
+        # a new fidelity starts as its source + a per-element shift fitted on its own training energies
+        offsets = source_offsets(source, frames.take(pa.array(train_idx)), new_fids)
+        model = expand_model(source, zs, new_fids, references, offsets)
     else:
         config = dataclasses.replace(config, avg_num_neighbors=data.avg_num_neighbors(train_idx))
         model = MFPotential(config, references)
