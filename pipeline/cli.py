@@ -2,7 +2,8 @@
 
     mfhull import PATH... --out DIR          real files (extxyz, ASE db, entries JSON, .res, MatPES, task docs)
     mfhull ingest-mp CHEMSYS... --out DIR    Materials Project (needs MP_API_KEY)
-    mfhull train --frames DIR --out DIR      multi-fidelity potential
+    mfhull train --frames DIR --out DIR      multi-fidelity potential (or --config train.yaml; --strategy S)
+    mfhull evaluate --checkpoint C --frames F   per-fidelity errors (+ per-frame Parquet with --out)
     mfhull screen ...                        relax candidates, E_hull vs DFT and all-model hulls, report
     mfhull hull --entries DIR ...            reference hull table of one thermo type
     mfhull import-sevenn --out FILE          pretrained SevenNet-MF-0 (PBE + r2SCAN) as an mfhull checkpoint
@@ -84,21 +85,118 @@ def cmd_ingest_mp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_pairs(items: list[str] | None, option: str, value=str) -> dict[str, Any]:
+    """['a=1', 'b=2'] -> {'a': value('1'), ...} with a one-line error naming the option."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, _, val = str(item).partition("=")
+        if not key.strip() or not val.strip():
+            raise ValueError(f"{option} {item!r}: expected NAME=VALUE")
+        try:
+            out[key.strip().lower()] = value(val.strip())
+        except ValueError as exc:
+            raise ValueError(f"{option} {item!r}: {exc}") from None
+    return out
+
+
+def _load_train_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse the command line; for ``train``, options with a YAML/JSON config file (``--config``) as defaults: keys are the option
+    names (``batch-size`` or ``batch_size``); flags on the command line win."""
+    import yaml
+
+    first = parser.parse_args(argv)
+    if not getattr(first, "config", None):
+        return first
+    path = Path(first.config)
+    if not path.is_file():
+        raise SystemExit(f"mfhull train: error: config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"mfhull train: error: {path}: expected a mapping of option: value")
+    sub = _subparser(parser, "train")
+    known = {a.dest for a in sub._actions} - {"help", "config"}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"mfhull train: error: {path}: unknown options {unknown}; known: {sorted(known)}")
+    sub.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from pipeline.train import LossWeights, TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction,
+        loss=args.loss, huber_delta=args.huber_delta, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
+        scheduler=args.scheduler, patience=args.patience, target_fidelity=args.target_fidelity,
+        fidelity_weights=_parse_pairs(args.fidelity_weight, "--fidelity-weight", float) or None,
+        init_from=args.init_from, new_fidelities=_parse_pairs(args.new_fidelity, "--new-fidelity") or None,
+        freeze=args.freeze, weights=LossWeights(args.energy_weight, args.force_weight, args.stress_weight),
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pipeline.cli_args import read_input_table
+    from pipeline.io import write_json_atomic
     from pipeline.model import MFPotential, preset
     from pipeline.schema import FRAMES_SCHEMA
-    from pipeline.train import TrainConfig, train
+    from pipeline.train import train
 
+    if not args.frames or not args.out:
+        raise ValueError("--frames and --out are required (on the command line or in --config)")
     frames = read_input_table("--frames", args.frames, FRAMES_SCHEMA)
     if frames.num_rows == 0:
         raise ValueError(f"--frames {args.frames}: no frames to train on")
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction)
-    config = preset(args.preset)
-    _threads_for(MFPotential(config))
-    result = train(frames, config, cfg, args.out, resume=not args.restart)
-    _print({"best": result.best, "last": result.last, "final": result.history[-1] if result.history else None})
+    cfg = train_config_from_args(args)
+    _threads_for(MFPotential(preset(args.preset)))
+    if args.strategy:
+        from pipeline.train.strategies import run_strategy
+
+        if not (args.high and args.low) and args.strategy != "single":
+            raise ValueError("--strategy needs --high and --low fidelities")
+        steps = args.max_steps or args.epochs * -(-frames.num_rows // args.batch_size)
+        res = run_strategy(args.strategy, frames, preset(args.preset), dataclasses.replace(cfg, init_from=None),
+                           args.out, high=args.high, low=args.low or args.high, steps=steps,
+                           init_from=args.init_from)
+        summary = res.to_dict()
+        write_json_atomic(Path(args.out) / "strategy.json", summary)
+        _print(summary)
+        return 0
+    result = train(frames, preset(args.preset), cfg, args.out, resume=not args.restart)
+    _print({"best": result.best, "last": result.last, "steps": result.steps, "data_hash": result.data_hash,
+            "final": result.history[-1] if result.history else None})
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.cli_args import read_input_table
+    from pipeline.io import write_table_atomic
+    from pipeline.schema import FRAMES_SCHEMA
+    from pipeline.train.evaluation import FRAME_ERRORS_SCHEMA, frame_data_for, frame_errors, summarize
+
+    model = _check_checkpoint(args.checkpoint)
+    if args.device != "cpu":
+        model = model.to(args.device)
+    data = frame_data_for(model, read_input_table("--frames", args.frames, FRAMES_SCHEMA), args.fidelity)
+    rows = frame_errors(model, data, batch_size=args.batch_size, device=args.device)
+    summary = summarize(rows)
+    if args.out:
+        import pyarrow as pa
+
+        write_table_atomic(pa.Table.from_pylist(rows, schema=FRAME_ERRORS_SCHEMA), args.out)
+        summary["per_frame"] = str(args.out)
+    _print(summary)
     return 0
 
 
@@ -202,17 +300,6 @@ def cmd_campaign(args: argparse.Namespace) -> int:
     )
     _print(summary)
     return 0
-
-
-def _parse_pairs(items: list[str] | None, option: str) -> list[tuple[str, str]]:
-    """['r2scan=R2SCAN'] -> [('r2scan', 'R2SCAN')]."""
-    out = []
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"{option} {item!r}: expected FIDELITY=THERMO_TYPE")
-        out.append((key.strip(), value.strip()))
-    return out
 
 
 def add_campaign_parser(sub: Any) -> None:
@@ -321,10 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest_mp)
 
     p = sub.add_parser("train", help="train the multi-fidelity potential on a frames dataset")
-    p.add_argument("--frames", required=True, type=existing_path, help="frames Parquet file or dataset folder")
-    p.add_argument("--out", required=True, type=out_dir, help="run folder (best.pt, last.pt, metrics.json)")
-    p.add_argument("--preset", default="small", help="model size preset: small or sevennet-mf-0 (default: small)")
+    p.add_argument("--config", default=None, type=existing_file,
+                   help="YAML/JSON file of these options (keys = option names); flags on the command line win")
+    p.add_argument("--frames", default=None, type=existing_path,
+                   help="frames Parquet file or dataset folder (required here or in --config)")
+    p.add_argument("--out", default=None, type=out_dir,
+                   help="run folder: best.pt, last.pt, metrics.json (required here or in --config)")
+    p.add_argument("--preset", default="small", choices=["small", "mf-bench", "sevennet-mf-0"],
+                   help="model size preset (default: small)")
     p.add_argument("--epochs", type=int_range(1, 1_000_000), default=100, help="training epochs (>= 1; default: 100)")
+    p.add_argument("--max-steps", type=int_range(1), default=None,
+                   help="optimizer steps in all (overrides --epochs)")
     p.add_argument("--batch-size", type=int_range(1, 100_000), default=8,
                    help="structures per batch (>= 1; default: 8)")
     p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=5e-3,
@@ -336,7 +430,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", action="append",
                    help="FIDELITY=energy[,forces,stress]: labels used per fidelity (repeat per fidelity)")
     p.add_argument("--restart", action="store_true", help="ignore an existing last.pt instead of resuming")
+    p.add_argument("--loss", default="mse", choices=["mse", "huber"], help="loss per label (default: mse)")
+    p.add_argument("--huber-delta", type=float_range(0, low_open=True), default=0.01,
+                   help="Huber transition, in the label's units (eV/atom, eV/A, eV/A^3; default: 0.01)")
+    p.add_argument("--energy-weight", type=float_range(0), default=1.0, help="energy loss weight (default: 1)")
+    p.add_argument("--force-weight", type=float_range(0), default=1.0, help="force loss weight (default: 1)")
+    p.add_argument("--stress-weight", type=float_range(0), default=0.01, help="stress loss weight (default: 0.01)")
+    p.add_argument("--fidelity-weight", action="append", help="FIDELITY=W: loss weight of that fidelity's labels")
+    p.add_argument("--ema-decay", type=float_range(0, 1, high_open=True), default=0.0,
+                   help="EMA decay of the weights, in [0, 1) (0: off; e.g. 0.99)")
+    p.add_argument("--warmup-steps", type=int_range(0), default=0,
+                   help="optimizer steps of linear learning-rate warm-up (default: 0)")
+    p.add_argument("--scheduler", default="cosine", choices=["cosine", "plateau", "constant"])
+    p.add_argument("--patience", type=int_range(1), default=None,
+                   help="early stopping: epochs without improvement of the target fidelity (default: off)")
+    p.add_argument("--target-fidelity", default=None, help="fidelity whose validation loss selects best.pt")
+    p.add_argument("--init-from", default=None, help="checkpoint to fine-tune (ours, or from import-sevenn)")
+    p.add_argument("--new-fidelity", action="append", help="NEW=SOURCE: add fidelity NEW, started from SOURCE")
+    p.add_argument("--freeze", default="none", choices=["none", "fidelity"],
+                   help="fidelity: train only the fidelity-conditioned linears and the readout")
+    p.add_argument("--strategy", default=None, choices=["mf", "single", "transfer", "delta", "multihead", "meta",
+                                                        "finetune-mf0"],
+                   help="multi-fidelity strategy (matched steps over all stages; see pipeline.train.strategies)")
+    p.add_argument("--high", default=None, help="--strategy: the high (target) fidelity, e.g. gpaw-r2scan")
+    p.add_argument("--low", default=None, help="--strategy: the low fidelity, e.g. gpaw-pbe")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="per-fidelity energy/force/stress errors of a checkpoint on frames")
+    p.add_argument("--checkpoint", required=True, type=existing_file, help="mfhull potential checkpoint (.pt)")
+    p.add_argument("--frames", required=True, type=existing_path, help="frames Parquet file or dataset with labels")
+    p.add_argument("--fidelity", default=None, help="predict every frame at this model fidelity "
+                   "(e.g. r2scan for frames labelled gpaw-r2scan); default: each frame's own")
+    p.add_argument("--out", default=None, type=out_file, help="Parquet file of per-frame errors")
+    p.add_argument("--batch-size", type=int_range(1), default=16, help="structures per batch (default: 16)")
+    p.add_argument("--device", type=_device, default=os.environ.get("MFHULL_DEVICE", "cpu"), help=device_help)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("screen", help="relax candidates and report E_hull")
     p.add_argument("--candidates", nargs="+", required=True, type=existing_path,
@@ -422,9 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mfhull: error: {exc}", file=sys.stderr)
         return 2
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
-        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+        args = _load_train_config(build_parser(), sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:  # --help (0), a bad argument (2, its one line already printed) or a bad --config
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return int(exc.code or 0)
     # force: the CLI owns the root logger. Importing Prefect gives root its rich console handler, bound to the
     # stderr of that moment; library records would otherwise print through it (or fail on a closed stream).
     # Prefect's own loggers keep their handlers, so flow-run lines still show.

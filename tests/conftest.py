@@ -43,3 +43,34 @@ def mp_file(mp_data: Path):
         return path
 
     return get
+
+
+@pytest.fixture(scope="session")
+def emt_frames():
+    """Return a function making a two-fidelity frames table from EMT (no DFT needed): rattled Al-Cu fcc cells,
+    'lo' = EMT energy, forces, stress for all; 'hi' = 1.1 E + 0.3 eV/atom (and ``hi_forces`` x 1.1 F) for
+    every ``hi_every``-th structure."""
+
+    def make(n: int, hi_every: int = 2, hi_forces: bool = False):
+        import numpy as np
+        from ase.build import bulk
+        from ase.calculators.emt import EMT
+
+        from pipeline.frames import atoms_to_frame_row, frames_table
+
+        rng = np.random.default_rng(0)
+        rows = []
+        for k in range(n):
+            atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+            atoms.numbers[rng.choice(4, size=k % 3, replace=False)] = 29
+            atoms.rattle(0.05, seed=k)
+            atoms.calc = EMT()
+            e, f = atoms.get_potential_energy(), atoms.get_forces()
+            rows.append(atoms_to_frame_row(atoms, frame_id=f"lo:{k}", source="t", fidelity="lo"))
+            if k % hi_every == 0:
+                rows.append(atoms_to_frame_row(atoms, frame_id=f"hi:{k}", source="t", fidelity="hi",
+                                               energy=1.1 * e + 0.3 * len(atoms),
+                                               forces=1.1 * f if hi_forces else None, stress=None))
+        return frames_table(rows)
+
+    return make

@@ -243,7 +243,9 @@ def test_checkpoint_round_trip(model, tmp_path):
 def test_config_validation_and_presets():
     mf0 = preset("sevennet-mf-0")
     assert (mf0.cutoff, mf0.channels, mf0.lmax, mf0.num_layers) == (5.0, 128, 2, 5)
-    with pytest.raises(KeyError, match="known: small, sevennet-mf-0"):
+    bench = preset("mf-bench")
+    assert (bench.channels, bench.lmax, bench.num_layers) == (32, 2, 3)
+    with pytest.raises(KeyError, match="known: small, mf-bench, sevennet-mf-0"):
         preset("huge")
     with pytest.raises(ValueError, match="cutoff_on"):
         preset("sevennet-mf-0", cutoff_on=6.0)

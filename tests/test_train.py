@@ -62,21 +62,45 @@ def test_loss_decreases_and_checkpoint_works(frames, tmp_path):
         MFPotentialCalculator(model, fidelity="pbe")
 
 
-def test_crash_and_resume_is_identical(frames, tmp_path):
-    full = train(frames, preset("small"), _cfg(), tmp_path / "full", resume=False)
+def test_crash_and_resume_is_identical_with_ema(frames, tmp_path):
+    """Resume equivalence including the EMA weights, warm-up and scheduler; the resume key holds a content
+    hash of the frames; a stale metrics.json is rewritten from last.pt on resume."""
+    import json
+
+    import pyarrow as pa
+
+    cfg = _cfg(ema_decay=0.8, warmup_steps=3)
+    full = train(frames, preset("small"), cfg, tmp_path / "full", resume=False)
 
     def crash(row):
         if row["epoch"] == 1:
             raise KeyboardInterrupt("simulated crash")
 
     with pytest.raises(KeyboardInterrupt):
-        train(frames, preset("small"), _cfg(), tmp_path / "cut", resume=False, progress=crash)
-    resumed = train(frames, preset("small"), _cfg(), tmp_path / "cut", resume=True)
+        train(frames, preset("small"), cfg, tmp_path / "cut", resume=False, progress=crash)
+    resumed = train(frames, preset("small"), cfg, tmp_path / "cut", resume=True)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b)
+    raw_full = torch.load(full.last, weights_only=True)["extra"]["raw_state"]
+    raw_cut = torch.load(resumed.last, weights_only=True)["extra"]["raw_state"]
+    assert raw_full.keys() == raw_cut.keys()
+    for k in raw_full:
+        torch.testing.assert_close(raw_full[k], raw_cut[k])
+    assert not torch.equal(raw_full["readout_out.linear.weight"],  # EMA weights differ from the raw ones
+                           full.model.state_dict()["readout_out.linear.weight"])
+    assert load_checkpoint(full.best) is not None
+    assert torch.load(full.best, weights_only=True)["extra"]["data_hash"] == full.data_hash
+    (tmp_path / "cut" / "metrics.json").write_text(json.dumps({"history": [{"epoch": 9}]}))
+    train(frames, preset("small"), cfg, tmp_path / "cut", resume=True)  # finished run: nothing to train
+    assert [h["epoch"] for h in json.loads((tmp_path / "cut" / "metrics.json").read_text())["history"]] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="different run"):
-        train(frames, preset("small"), _cfg(lr=0.5), tmp_path / "cut", resume=True)
+        train(frames, preset("small"), _cfg(lr=0.5, ema_decay=0.8, warmup_steps=3), tmp_path / "cut", resume=True)
+    energy = frames.column("energy").to_pylist()
+    energy[0] += 0.01  # same number of frames, other content
+    changed = frames.set_column(frames.schema.get_field_index("energy"), "energy", pa.array(energy, pa.float64()))
+    with pytest.raises(ValueError, match="different run"):
+        train(changed, preset("small"), cfg, tmp_path / "cut", resume=True)
 
 
 def test_label_policy_masks_labels(frames):
@@ -112,5 +136,142 @@ def test_evaluate_frames_reports_per_fidelity(frames, tmp_path):
     res = train(frames, preset("small"), _cfg(epochs=1), tmp_path, resume=False)
     metrics = evaluate_frames(load_checkpoint(res.best), frames)
     assert set(metrics) == {"hi/energy_mae_meV_atom", "hi/energy_rmse_meV_atom", "lo/energy_mae_meV_atom",
-                            "lo/energy_rmse_meV_atom", "lo/forces_mae_meV_A"}
+                            "lo/energy_rmse_meV_atom", "lo/forces_mae_meV_A", "lo/stress_mae_GPa"}
     assert all(np.isfinite(v) and v >= 0 for v in metrics.values())
+
+
+def test_split_keeps_fidelities_of_a_structure_together(frames):
+    """Without material_id, the 'lo' and 'hi' copies of one structure share a group (structure hash)."""
+    import pyarrow as pa
+
+    no_mid = frames.set_column(frames.schema.get_field_index("material_id"), "material_id",
+                               pa.array([None] * frames.num_rows, pa.string()))
+    data = FrameData(no_mid, 4.5, ["hi", "lo"])
+    assert len(set(data.groups)) == 30  # 40 frames, 30 structures
+    for seed in range(5):
+        train_idx, val_idx = split_by_group(data.groups, 0.3, seed=seed)
+        key = {i: data.structure_keys[i] for i in range(len(data))}
+        assert not {key[i] for i in train_idx} & {key[i] for i in val_idx}
+    from pipeline.train import structure_groups
+
+    # a material id joins two different structures into one group
+    g = structure_groups(["a", "b", "c", "a"], ["m1", "m1", None, None])
+    assert g[0] == g[1] == g[3] != g[2]
+
+
+def test_best_checkpoint_selected_on_target_fidelity(frames, tmp_path):
+    import json
+
+    res = train(frames, preset("small"), _cfg(epochs=4, val_fraction=0.3, target_fidelity="HI", lr=2e-2),
+                tmp_path, resume=False)
+    hist = res.history
+    assert all("hi/val_loss" in h and "lo/val_loss" in h for h in hist)
+    best_epoch = min(range(len(hist)), key=lambda k: hist[k]["hi/val_loss"])
+    saved = torch.load(res.best, weights_only=True)["extra"]
+    assert saved["epoch"] == best_epoch and saved["selection"] == "hi/val_loss"
+    assert json.loads((tmp_path / "metrics.json").read_text())["best_epoch"] == best_epoch
+    with pytest.raises(ValueError, match="target fidelity 'r2scan'"):
+        train(frames, preset("small"), _cfg(epochs=1, target_fidelity="r2scan"), tmp_path / "x", resume=False)
+
+
+def test_ema_weights_are_evaluated_and_saved(frames, tmp_path):
+    from pipeline.train import evaluate_frames
+
+    res = train(frames, preset("small"), _cfg(epochs=2, val_fraction=0.3, ema_decay=0.9, loss="huber",
+                                              fidelity_weights={"hi": 3.0}, scheduler="plateau",
+                                              warmup_steps=2, patience=5),
+                tmp_path, resume=False)
+    extra = torch.load(res.last, weights_only=True)["extra"]
+    assert int(extra["ema_state"]["n_averaged"]) == res.steps == 2 * -(-extra["n_train"] // 8)
+    data = FrameData(frames, 4.5, ["hi", "lo"])
+    _, val_idx = split_by_group(data.groups, 0.3, seed=3)
+    val_ids = {data.frame_ids[i] for i in val_idx}
+    import pyarrow.compute as pc
+
+    val = frames.filter(pc.is_in(frames.column("frame_id"), value_set=__import__("pyarrow").array(sorted(val_ids))))
+    again = evaluate_frames(load_checkpoint(res.last), val)
+    assert again["lo/forces_mae_meV_A"] == pytest.approx(res.history[-1]["lo/forces_mae_meV_A"], rel=1e-4)
+
+
+def _source_checkpoint(frames, tmp_path):
+    res = train(frames, preset("small"), _cfg(epochs=1), tmp_path / "src", resume=False)
+    return res.best
+
+
+def test_finetune_parity_before_first_step_and_new_fidelity(frames, tmp_path):
+    """init_from keeps the checkpoint's elements and fidelities (new ones appended); before the first step the
+    existing fidelities predict exactly as the source; a new fidelity starts as its source fidelity's copy
+    (same forces, energies shifted by its own references)."""
+    from ase.build import bulk
+
+    from pipeline.graphs import atoms_to_graph
+    from pipeline.train import expand_model
+    from pipeline.train.finetune import freeze
+
+    src = load_checkpoint(_source_checkpoint(frames, tmp_path), dtype=torch.float64)
+    model = expand_model(src, [13, 29, 28], {"hi2": "hi"},
+                         __import__("pipeline.model", fromlist=["x"]).ElementReferences({"hi2": {"Al": -1.0}}))
+    assert model.fidelities == ("hi", "lo", "hi2") and model.elements == (*src.elements, 28)
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    atoms.numbers[1] = 29
+    atoms.rattle(0.05, seed=7)
+    g = atoms_to_graph(atoms, src.cutoff, dtype=torch.float64)
+    for fid in ("hi", "lo"):
+        a, b = src.predict(g, fid), model.predict(g, fid)
+        torch.testing.assert_close(a["energy"], b["energy"])
+        torch.testing.assert_close(a["forces"], b["forces"])
+        torch.testing.assert_close(a["stress"], b["stress"])
+    torch.testing.assert_close(model.predict(g, "hi2")["forces"], src.predict(g, "hi")["forces"])
+    assert model.references().energies["hi2"]["Al"] == pytest.approx(-1.0)
+    trained = freeze(model, "fidelity")
+    assert trained and all(("pre" in n or "post" in n or "readout" in n) for n in trained)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "radial" in n)
+
+
+def test_train_init_from_with_new_fidelity(frames, tmp_path):
+    import pyarrow as pa
+
+    ckpt = _source_checkpoint(frames, tmp_path)
+    fids = ["new-hi" if f == "hi" else f for f in frames.column("fidelity").to_pylist()]
+    renamed = frames.set_column(frames.schema.get_field_index("fidelity"), "fidelity", pa.array(fids))
+    with pytest.raises(ValueError, match="new-fidelity new-hi=SOURCE"):
+        train(renamed, preset("small"), _cfg(init_from=str(ckpt)), tmp_path / "ft0", resume=False)
+    res = train(renamed, preset("small"), _cfg(max_steps=2, init_from=str(ckpt), new_fidelities=["new-hi=hi"],
+                                               freeze="fidelity", target_fidelity="new-hi"),
+                tmp_path / "ft", resume=False)
+    assert res.steps == 2 and res.model.fidelities == ("hi", "lo", "new-hi")
+    src = load_checkpoint(ckpt)
+    frozen = "blocks.0.conv.radial_mlp.layer0.weight"
+    torch.testing.assert_close(res.model.state_dict()[frozen], src.state_dict()[frozen])
+
+
+def test_fresh_model_ties_fidelities(frames, tmp_path):
+    """Before the first step every fidelity is the same function up to its references and scale."""
+    from pipeline.graphs import atoms_to_graph
+
+    res = train(frames, preset("small"), _cfg(max_steps=1, lr=0.0), tmp_path, resume=False)
+    model = res.model.double()
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True)
+    atoms.rattle(0.05, seed=3)
+    g = atoms_to_graph(atoms, model.cutoff, dtype=torch.float64)
+    f_hi, f_lo = model.predict(g, "hi")["forces"], model.predict(g, "lo")["forces"]
+    ratio = model.scale[0, 0] / model.scale[1, 0]
+    torch.testing.assert_close(f_hi, f_lo * ratio)
+
+
+def test_new_fidelity_starts_as_source_plus_fitted_shift(frames, tmp_path):
+    """Fine-tuning into a new fidelity: before any update it predicts the source fidelity + a per-element shift
+    fitted on its own energies (least squares), so its energy RMSE is no worse than the source fidelity's."""
+    import pyarrow as pa
+
+    from pipeline.train import evaluate_frames
+
+    ckpt = _source_checkpoint(frames, tmp_path)
+    fids = ["new-hi" if f == "hi" else f for f in frames.column("fidelity").to_pylist()]
+    renamed = frames.set_column(frames.schema.get_field_index("fidelity"), "fidelity", pa.array(fids))
+    res = train(renamed, preset("small"), _cfg(max_steps=1, lr=0.0, init_from=str(ckpt),
+                                               new_fidelities={"new-hi": "hi"}), tmp_path / "ft", resume=False)
+    hi_frames = frames.filter(pa.array([f == "hi" for f in frames.column("fidelity").to_pylist()]))
+    before = evaluate_frames(load_checkpoint(ckpt), hi_frames)["hi/energy_rmse_meV_atom"]
+    after = evaluate_frames(res.model, hi_frames, fidelity="new-hi")["new-hi/energy_rmse_meV_atom"]
+    assert after <= before + 1e-3, (after, before)

@@ -1,14 +1,16 @@
 """Per-fidelity element reference energies (the energy shift) and energy scale.
 
 PBE and r2SCAN total energies differ by eV per atom (r2SCAN Si: about -8.7 eV/atom, PBE: -5.4 eV/atom), so every
-fidelity gets its own element references, fitted by least squares before training:
-
-    E_total(structure) ~= sum_elements count(element) * ref[fidelity][element]
-
-solved for the per-atom energies (each structure weighted equally, whatever its size).
+fidelity gets its own element references. They are fitted jointly (:func:`fit_element_references`): the
+fidelity with the most energy labels is the base, every other fidelity is the base plus a mean offset plus
+per-element deviations pulled toward that mean by a ridge prior, and copies of one structure at two fidelities
+enter as energy differences. A fidelity with a handful of structures (or a single composition, a rank-deficient
+system on its own) thus still gets per-element values within the spread of the offsets, instead of absorbing
+the excess energy of a high-energy phase into one element and the rest into another.
 
 The scale of a fidelity is the RMS of its force components (SevenNet's choice: the network then predicts
-O(1) numbers), or the RMS of the per-atom residual energy when no forces are given, or 1.
+O(1) numbers); a fidelity with few force labels shares the base fidelity's scale, and any other is bounded
+around it, so the scale cannot collapse on a few equilibrium cells.
 
 Users can override any value (:meth:`ElementReferences.override`), e.g. with isolated-atom or elemental-ground-
 state energies of their own DFT set.
@@ -23,6 +25,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from ase.data import atomic_numbers, chemical_symbols
+
+from pipeline.hashing import structure_hash
 
 __all__ = ["ElementReferences", "fit_element_references", "references_from_frames"]
 
@@ -90,57 +94,173 @@ class ElementReferences:
                    {k: float(v) for k, v in data.get("scales", {}).items()})
 
 
+#: ridge weight of the per-element deviations from a fidelity's mean offset, in units of one single-element
+#: unpaired structure: the variance ratio (sigma/tau)^2 of an unpaired per-atom energy's structure-dependent part
+#: (formation/excess energies, sigma ~ 0.3 eV/atom) to the spread of per-element offsets (tau ~ 1 eV/atom)
+OFFSET_RIDGE = 0.1
+#: weight of a paired energy difference relative to an unpaired energy: (sigma_unpaired / sigma_paired)^2 with
+#: sigma_paired ~ 0.03 eV/atom (the structure's own energy cancels in the difference)
+PAIRED_WEIGHT = 100.0
+#: a non-base fidelity needs force labels on at least this many structures to get its own scale
+MIN_SCALE_FRAMES = 20
+#: ... and that scale is kept within this factor of the base fidelity's
+SCALE_BOUND = 2.0
+
+
+def _counts(numbers: Iterable[int]) -> np.ndarray:
+    return np.bincount(np.asarray(list(numbers), dtype=int), minlength=119).astype(float)
+
+
+def _force_rms(forces: Sequence[np.ndarray | None], idx: Iterable[int]) -> tuple[float | None, int]:
+    comps = [np.asarray(forces[k], dtype=float).ravel() for k in idx if forces[k] is not None]
+    if not comps:
+        return None, 0
+    flat = np.concatenate(comps)
+    flat = flat[np.isfinite(flat)]
+    rms = float(np.sqrt(np.mean(flat**2))) if flat.size else 0.0
+    return (rms if rms > 0 else None), len(comps)
+
+
 def fit_element_references(
     numbers: Sequence[Iterable[int]],
     energies: Sequence[float],
     fidelities: Sequence[str],
     forces: Sequence[np.ndarray | None] | None = None,
+    structure_keys: Sequence[str | None] | None = None,
+    *,
+    ridge: float = OFFSET_RIDGE,
+    paired_weight: float = PAIRED_WEIGHT,
+    base: str | None = None,
 ) -> ElementReferences:
-    """Least-squares element references per fidelity from per-structure compositions and total energies.
+    """Joint least-squares element references of all fidelities, and one scale per fidelity.
 
     numbers: atomic numbers of each structure; energies: total energy of each structure (eV; NaN = no label);
-    fidelities: fidelity of each structure; forces: optional (n_atoms, 3) arrays (None = no label) for the scale.
-    Rank-deficient systems (e.g. one composition only) get numpy's minimum-norm solution.
+    fidelities: fidelity of each structure; forces: optional (n_atoms, 3) arrays (None = no label) for the scale;
+    structure_keys: optional structure digests (:func:`pipeline.hashing.structure_hash`) pairing the copies of
+    one structure at several fidelities. ``base``: the reference fidelity (default: the one with the most
+    energy labels).
+
+    The model (per-atom energies, each structure weighted equally, whatever its size; x = composition fractions)::
+
+        base fidelity:  E/n = x . b
+        fidelity f:     E/n = x . (b + d_f + delta_f)        ref_f[el] = b[el] + d_f + delta_f[el]
+        paired copy:    (E_f - E_base)/n = x . (d_f + delta_f)   (same structure at both fidelities)
+        prior:          ridge * |delta_f|^2                     (per-element deviation from the mean offset d_f)
+
+    (paired rows weighted ``paired_weight`` x an unpaired row in the squared error)
+
+    solved as one least-squares problem (numpy ``lstsq``; a still rank-deficient base fit, e.g. one composition
+    only, gets the minimum-norm split). Pairing removes the structure's own energy (a high-energy phase, a rattled
+    cell) from the offset; the prior gives a fidelity with 1-5 structures, or a single composition, the mean
+    offset for the elements it cannot separate, and elements it never saw get ``b + d_f``.
+
+    Scales: the fidelity with the most force-labelled structures sets the base scale, the RMS of its force
+    components (without any forces: the RMS of the energy base's per-atom residuals, else 1). Another fidelity
+    keeps the base scale unless it has forces on at least ``MIN_SCALE_FRAMES`` structures; its own force RMS is
+    then bounded to within ``SCALE_BOUND`` x the base's, so a few (near-)equilibrium cells can never collapse it.
     """
     n = len(energies)
     if not (len(numbers) == n == len(fidelities)):
         raise ValueError(f"{len(numbers)} structures, {n} energies and {len(fidelities)} fidelities: lengths differ")
-    refs = ElementReferences()
+    if structure_keys is not None and len(structure_keys) != n:
+        raise ValueError(f"{len(structure_keys)} structure keys for {n} structures")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
     fids = np.array([str(f).strip().lower() for f in fidelities], dtype=object)
     e_all = np.asarray(energies, dtype=float)
-    for fid in sorted({str(f) for f in fids}):
-        idx = np.flatnonzero((fids == fid) & np.isfinite(e_all))
-        if idx.size == 0:
-            continue
-        counts = [np.bincount(np.asarray(list(numbers[k]), dtype=int), minlength=119) for k in idx]
-        a_full = np.stack(counts).astype(float)
-        present = np.flatnonzero(a_full.sum(axis=0) > 0)
-        a = a_full[:, present]
-        e = e_all[idx]
-        n_at = a.sum(axis=1)
-        coef, *_ = np.linalg.lstsq(a / n_at[:, None], e / n_at, rcond=None)  # per-atom energies, as trained on
-        refs.energies[fid] = {chemical_symbols[z]: float(c) for z, c in zip(present, coef)}
-        scale = None
-        if forces is not None:
-            comps = [np.asarray(forces[k], dtype=float).ravel() for k in np.flatnonzero(fids == fid)
-                     if forces[k] is not None]
-            if comps:
-                flat = np.concatenate(comps)
-                flat = flat[np.isfinite(flat)]
-                if flat.size and np.sqrt(np.mean(flat**2)) > 0:
-                    scale = float(np.sqrt(np.mean(flat**2)))
-        if scale is None:
-            resid = (e - a @ coef) / n_at
-            rms = float(np.sqrt(np.mean(resid**2))) if resid.size > 1 else 0.0
-            scale = rms if rms > 1e-6 else 1.0
-        refs.scales[fid] = scale
+    labelled = np.isfinite(e_all)
+    counts_by_fid = {f: int(np.sum(labelled & (fids == f))) for f in sorted(set(fids))}
+    energy_fids = [f for f, c in counts_by_fid.items() if c]
+    refs = ElementReferences()
+    if not energy_fids:
+        return refs
+    if base is None:
+        base = max(energy_fids, key=lambda f: (counts_by_fid[f], f == energy_fids[0]))
+    base = str(base).strip().lower()
+    if base not in energy_fids:
+        raise ValueError(f"base fidelity {base!r} has no energy labels; fidelities with energies: {energy_fids}")
+    others = [f for f in energy_fids if f != base]
+    x_all = [_counts(numbers[k]) if labelled[k] else None for k in range(n)]
+    present = np.flatnonzero(np.sum([x for x in x_all if x is not None], axis=0) > 0)
+    ne = present.size
+    col_d = {f: ne + j * (ne + 1) for j, f in enumerate(others)}  # d_f, then delta_f[ne]
+    n_cols = ne + len(others) * (ne + 1)
+    base_energy: dict[str, list[float]] = {}
+    if structure_keys is not None:
+        for k in np.flatnonzero(labelled & (fids == base)):
+            if structure_keys[k]:
+                base_energy.setdefault(structure_keys[k], []).append(e_all[k])
+    rows, rhs = [], []
+    for k in np.flatnonzero(labelled):
+        x = x_all[k][present]
+        nat = x.sum()
+        row = np.zeros(n_cols)
+        target = e_all[k] / nat
+        paired = structure_keys is not None and fids[k] != base and structure_keys[k] in base_energy
+        if not paired:
+            row[:ne] = x / nat
+        else:
+            target -= float(np.mean(base_energy[structure_keys[k]])) / nat
+        if fids[k] != base:
+            c = col_d[fids[k]]
+            row[c] = 1.0
+            row[c + 1:c + 1 + ne] = x / nat
+        w = np.sqrt(paired_weight) if paired else 1.0
+        rows.append(w * row)
+        rhs.append(w * target)
+    for f in others:
+        c = col_d[f]
+        for j in range(ne):
+            row = np.zeros(n_cols)
+            row[c + 1 + j] = np.sqrt(ridge)
+            rows.append(row)
+            rhs.append(0.0)
+    a, y = np.asarray(rows), np.asarray(rhs)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+    b = coef[:ne]
+    base_seen = np.sum([x_all[k] for k in np.flatnonzero(labelled & (fids == base))], axis=0)[present] > 0
+    refs.energies[base] = {chemical_symbols[z]: float(v) for z, v, s in zip(present, b, base_seen) if s}
+    for f in others:
+        c = col_d[f]
+        ref_f = b + coef[c] + coef[c + 1:c + 1 + ne]
+        refs.energies[f] = {chemical_symbols[z]: float(v) for z, v in zip(present, ref_f)}
+
+    # scales: the fidelity with the most force labels sets the shared scale (the energy base's residual RMS
+    # when no fidelity has forces)
+    all_fids = sorted(set(fids))
+    force_stats = {f: _force_rms(forces, np.flatnonzero(fids == f)) if forces is not None else (None, 0)
+                   for f in all_fids}
+    with_forces = [f for f in all_fids if force_stats[f][0] is not None]
+    if with_forces:
+        scale_base = max(with_forces, key=lambda f: (force_stats[f][1], f == base))
+        base_scale = force_stats[scale_base][0]
+    else:
+        scale_base = base
+        kb = np.flatnonzero(labelled & (fids == base))
+        nat = np.array([x_all[k].sum() for k in kb])
+        pred = np.array([x_all[k][present] @ b for k in kb])
+        resid = (e_all[kb] - pred) / nat
+        rms = float(np.sqrt(np.mean(resid**2))) if resid.size > 1 else 0.0
+        base_scale = rms if rms > 1e-6 else 1.0
+    for f in all_fids:
+        own, n_frames = force_stats[f]
+        if f == scale_base or own is None or n_frames < MIN_SCALE_FRAMES:
+            refs.scales[f] = base_scale
+        else:
+            refs.scales[f] = float(np.clip(own, base_scale / SCALE_BOUND, base_scale * SCALE_BOUND))
     return refs
 
 
-def references_from_frames(frames: pa.Table) -> ElementReferences:
+def references_from_frames(frames: pa.Table, *, ridge: float = OFFSET_RIDGE,
+                           base: str | None = None) -> ElementReferences:
     """Fit references from a frames table (:data:`pipeline.schema.FRAMES_SCHEMA`), using rows with energy labels
-    for the shift and rows with force labels for the scale."""
-    cols = frames.select(["numbers", "energy", "fidelity", "has_energy", "forces", "has_forces"]).to_pydict()
+    for the shift and rows with force labels for the scale; copies of one structure at several fidelities are
+    paired by :func:`pipeline.hashing.structure_hash`. Apply the label policy to the table first
+    (``pipeline.train.data.apply_label_policy``): its ``has_*`` columns are what counts here."""
+    cols = frames.select(["numbers", "positions", "cell", "pbc", "energy", "fidelity", "has_energy", "forces",
+                          "has_forces"]).to_pydict()
     energies = [e if (h and e is not None) else float("nan") for e, h in zip(cols["energy"], cols["has_energy"])]
     forces = [np.asarray(f) if (h and f is not None) else None for f, h in zip(cols["forces"], cols["has_forces"])]
-    return fit_element_references(cols["numbers"], energies, cols["fidelity"], forces)
+    keys = [structure_hash(z, p, c, pbc) for z, p, c, pbc in zip(cols["numbers"], cols["positions"], cols["cell"],
+                                                                  cols["pbc"])]
+    return fit_element_references(cols["numbers"], energies, cols["fidelity"], forces, keys, ridge=ridge, base=base)

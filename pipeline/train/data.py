@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.graphs import Graph, batch_graphs, frame_rows_to_graph
+from pipeline.hashing import structure_hash
 
 LABELS = ("energy", "forces", "stress")
 
@@ -63,7 +64,8 @@ class FrameData:
         if unknown:
             raise ValueError(f"unknown labels in label policy: {sorted(unknown)}; known: {list(LABELS)}")
         self.frame_ids = [r["frame_id"] for r in rows]
-        self.groups = [r.get("material_id") or r["frame_id"] for r in rows]
+        self.structure_keys = [structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) for r in rows]
+        self.groups = structure_groups(self.structure_keys, [r.get("material_id") for r in rows])
         self.fidelity_names = [r["fidelity"] for r in rows]
         self.numbers = [r["numbers"] for r in rows]
         self.graphs: list[Graph] = [frame_rows_to_graph([r], cutoff, fidelities, torch.float64) for r in rows]
@@ -108,6 +110,40 @@ class FrameData:
             fidelity=graph.fidelity.clone(),
         )
         return graph, labels
+
+
+def apply_label_policy(frames: pa.Table, policy: Mapping[str, Sequence[str]] | None) -> pa.Table:
+    """``frames`` with ``has_energy`` / ``has_forces`` / ``has_stress`` switched off where the policy drops the
+    label for the frame's fidelity (so that reference fits and training see the same labels)."""
+    if not policy:
+        return frames
+    fids = frames.column("fidelity").to_pylist()
+    for label in LABELS:
+        col = f"has_{label}"
+        keep = [bool(h) and label_policy_mask(f, policy, label) for h, f in zip(frames.column(col).to_pylist(), fids)]
+        frames = frames.set_column(frames.schema.get_field_index(col), col, pa.array(keep, pa.bool_()))
+    return frames
+
+
+def structure_groups(structure_keys: Sequence[str], material_ids: Sequence[str | None]) -> list[str]:
+    """Group label per frame: frames sharing a structure (any fidelity) or a material id are one group
+    (union-find over both), so a split never puts the PBE and r2SCAN copies of one structure, or two
+    structures of one material, on different sides, with or without ``material_id``."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for key, mid in zip(structure_keys, material_ids):
+        a = find("s:" + key)
+        if mid:
+            b = find("m:" + str(mid))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return [find("s:" + key) for key in structure_keys]
 
 
 def split_by_group(groups: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

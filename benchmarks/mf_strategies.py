@@ -1,0 +1,191 @@
+"""Multi-fidelity strategies x high-fidelity fraction x seeds, at matched optimizer steps: held-out r2SCAN
+energy and force MAE (mean +- std over seeds) and training time, with two floors measured in the same run.
+
+    python benchmarks/mf_strategies.py [--data data/demo] [--fractions 5,10,25,100] [--seeds 0,1,2] [--steps 100]
+                                       [--strategies mf,single,...] [--mf0 reports/mf0.pt] [--full]
+
+Data: ``<data>/frames`` (training; both fidelities) and ``<data>/test_frames`` (held out; its ``--high`` frames
+are the test set). Fraction p: share of the training structures labelled at ``--high`` that keep that label
+(at least one; chosen per seed, the same subset for every strategy); low-fidelity frames are all kept.
+Every strategy gets ``--steps`` optimizer steps in all (:mod:`pipeline.train.strategies`), model preset
+``--preset`` (default ``mf-bench``: 32 channels, lmax 2, 3 layers), batch 8, Adam 5e-3 with cosine decay.
+
+Floors, same subsets: ``pbe+shift`` = a model trained on the low fidelity only (``--steps`` steps) plus a
+per-element shift fitted on the kept high-fidelity energies (the joint reference fit of
+:mod:`pipeline.model.references`: mean offset + ridge-shrunk per-element deviations, on paired differences);
+``mf0+shift`` = zero-shot SevenNet-MF-0 r2SCAN head (``--mf0``: a checkpoint from
+``python -m pipeline.cli import-sevenn --out reports/mf0.pt``) plus the same kind of shift.
+
+Results are appended to ``<out>/results.jsonl`` (one line per run, keyed by strategy, fraction, seed, steps,
+preset and data hash): re-running skips what is done, so the grid can grow across sessions. The default grid
+(6 strategies + floors, 4 fractions, 3 seeds, 100 steps) is sized for ~45 min on a quiet 2-core machine;
+``--full`` adds ``finetune-mf0`` (needs ``--mf0``; ~0.3 structures/s here, so give it a GPU or patience).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from pipeline.hashing import frames_hash, structure_hash
+from pipeline.io import read_table
+from pipeline.model import load_checkpoint, preset
+from pipeline.schema import FRAMES_SCHEMA
+from pipeline.train import TrainConfig, train
+from pipeline.train.finetune import apply_shift, fit_shift
+from pipeline.train.strategies import STRATEGIES, errors, predict, run_strategy
+
+DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
+
+
+def subset(frames: pa.Table, high: str, fraction: float, seed: int) -> pa.Table:
+    """All non-high frames + the high frames of a random ``fraction`` of the high-labelled structures."""
+    rows = frames.to_pylist()
+    keys = sorted({structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) for r in rows
+                   if r["fidelity"] == high})
+    n_keep = max(1, math.ceil(fraction * len(keys) - 1e-9))
+    keep = set(np.random.default_rng(1000 + seed).permutation(keys)[:n_keep].tolist())
+    mask = [r["fidelity"] != high or structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) in keep
+            for r in rows]
+    return frames.filter(pa.array(mask))
+
+
+def shifted(pred_train: list[dict], train_high: pa.Table, pred_test: list[dict], test: pa.Table) -> list[dict]:
+    """Test predictions + per-element shift (label - prediction) fitted on the training high frames."""
+    nums = train_high.column("numbers").to_pylist()
+    shift = fit_shift(nums, [p["energy"] for p in pred_train], train_high.column("energy").to_pylist())
+    return [{"energy": p["energy"] + apply_shift(shift, z), "forces": p["forces"]}
+            for p, z in zip(pred_test, test.column("numbers").to_pylist())]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/demo", help="folder with frames/ and test_frames/")
+    ap.add_argument("--high", default="gpaw-r2scan")
+    ap.add_argument("--low", default="gpaw-pbe")
+    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES))
+    ap.add_argument("--fractions", default="5,10,25,100", help="percent of high-labelled training structures")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per strategy (all stages)")
+    ap.add_argument("--preset", default="mf-bench")
+    ap.add_argument("--mf0", default=None, help="imported SevenNet-MF-0 checkpoint (mf0+shift floor, finetune-mf0)")
+    ap.add_argument("--mf0-steps", type=int, default=None, help="step budget of finetune-mf0 (default --steps)")
+    ap.add_argument("--full", action="store_true", help="also finetune-mf0")
+    ap.add_argument("--no-floors", action="store_true")
+    ap.add_argument("--out", default="reports/mf_strategies")
+    ap.add_argument("--table-only", action="store_true", help="print the table of results.jsonl and exit")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = read_table(Path(args.data) / "frames", FRAMES_SCHEMA)
+    test = read_table(Path(args.data) / "test_frames", FRAMES_SCHEMA)
+    test = test.filter(pc.equal(test.column("fidelity"), args.high))
+    data_hash = frames_hash(frames)
+    strategies = [s for s in args.strategies.split(",") if s]
+    if args.full and "finetune-mf0" not in strategies:
+        strategies.append("finetune-mf0")
+    if "finetune-mf0" in strategies and not args.mf0:
+        raise SystemExit("finetune-mf0 needs --mf0 (python -m pipeline.cli import-sevenn --out reports/mf0.pt)")
+    fractions = [float(x) / 100 for x in args.fractions.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["strategy"], r["fraction"], r["seed"], r["steps"], r["preset"], r["data_hash"])] = r
+
+    def record(row: dict) -> None:
+        done[(row["strategy"], row["fraction"], row["seed"], row["steps"], row["preset"], row["data_hash"])] = row
+        with results_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    mf0_model = load_checkpoint(args.mf0, dtype=torch.float64) if args.mf0 and not args.table_only else None
+    mf0_test = predict([(mf0_model, "r2scan")], test) if mf0_model is not None and not args.no_floors else None
+    mf0_train_cache: dict[str, dict] = {}
+    todo = [] if args.table_only else [(f, s) for f in fractions for s in seeds]
+    for fraction, seed in todo:
+        sub = subset(frames, args.high, fraction, seed)
+        train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
+        base = {"fraction": fraction, "seed": seed, "preset": args.preset, "data_hash": data_hash,
+                "n_high": train_high.num_rows, "n_low": sub.num_rows - train_high.num_rows, "n_test": test.num_rows}
+        cfg = TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0, seed=seed)
+        run_dir = out / "runs" / f"p{round(100 * fraction)}-s{seed}"
+        for strategy in strategies:
+            steps = args.mf0_steps or args.steps if strategy == "finetune-mf0" else args.steps
+            if (strategy, fraction, seed, steps, args.preset, data_hash) in done:
+                continue
+            t0 = time.perf_counter()
+            res = run_strategy(strategy, sub, preset(args.preset), cfg, run_dir / strategy, high=args.high,
+                               low=args.low, steps=steps, init_from=args.mf0)
+            err = errors(predict(res.terms, test), test)
+            record({**base, "strategy": strategy, "steps": res.steps, **err,
+                    "train_s": res.wall_s, "total_s": time.perf_counter() - t0})
+        if args.no_floors:
+            continue
+        if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash) not in done:
+            t0 = time.perf_counter()
+            low_only = sub.filter(pc.equal(sub.column("fidelity"), args.low))
+            res = train(low_only, preset(args.preset), TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0,
+                        seed=seed, max_steps=args.steps), run_dir / "pbe-only", resume=False)
+            terms = [(res.model, args.low)]
+            preds = shifted(predict(terms, train_high), train_high, predict(terms, test), test)
+            record({**base, "strategy": "pbe+shift", "steps": res.steps, **errors(preds, test),
+                    "train_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
+        if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash) not in done:
+            missing = [r for r in train_high.column("frame_id").to_pylist() if r not in mf0_train_cache]
+            if missing:
+                miss = train_high.filter(pc.is_in(train_high.column("frame_id"), value_set=pa.array(missing)))
+                for fid, p in zip(missing, predict([(mf0_model, "r2scan")], miss)):
+                    mf0_train_cache[fid] = p
+            pred_train = [mf0_train_cache[f] for f in train_high.column("frame_id").to_pylist()]
+            record({**base, "strategy": "mf0+shift", "steps": 0,
+                    **errors(shifted(pred_train, train_high, mf0_test, test), test), "train_s": 0.0, "total_s": 0.0})
+    print_table(list(done.values()), args)
+
+
+def _ms(values: list[float]) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds)."""
+    rows = [r for r in rows if r["preset"] == args.preset and (r["steps"] in (0, args.steps)
+                                                              or r["strategy"] == "finetune-mf0")]
+    fractions = sorted({r["fraction"] for r in rows})
+    names = [s for s in [*STRATEGIES, "pbe+shift", "mf0+shift"] if any(r["strategy"] == s for r in rows)]
+    print(f"\nheld-out {args.high}: energy MAE meV/atom | force MAE meV/A | train s; mean ± std over seeds (n)")
+    print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
+    print("|---|" + "---|" * len(fractions))
+    for name in names:
+        cells = []
+        for f in fractions:
+            mine = [r for r in rows if r["strategy"] == name and r["fraction"] == f]
+            if not mine:
+                cells.append("")
+                continue
+            cells.append(f"{_ms([r['energy_mae_meV_atom'] for r in mine])} \\| "
+                         f"{_ms([r['forces_mae_meV_A'] for r in mine])} \\| "
+                         f"{statistics.mean(r['train_s'] for r in mine):.0f} s (n={len(mine)})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
