@@ -85,13 +85,13 @@ def cmd_ingest_mp(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_pairs(items: list[str] | None, option: str, value=str) -> dict[str, Any]:
+def _parse_pairs(items: list[str] | None, option: str, value=str, expected: str = "NAME=VALUE") -> dict[str, Any]:
     """['a=1', 'b=2'] -> {'a': value('1'), ...} with a one-line error naming the option."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, _, val = str(item).partition("=")
         if not key.strip() or not val.strip():
-            raise ValueError(f"{option} {item!r}: expected NAME=VALUE")
+            raise ValueError(f"{option} {item!r}: expected {expected}")
         try:
             out[key.strip().lower()] = value(val.strip())
         except ValueError as exc:
@@ -293,7 +293,7 @@ def cmd_campaign(args: argparse.Namespace) -> int:
         chemsys=args.chemsys, entries=args.entries, candidates=args.candidates, substitute=args.substitute,
         prototypes=args.prototypes, truth=args.truth, checkpoint=args.checkpoint, model=args.model,
         train=args.train, train_epochs=args.train_epochs, fidelities=args.fidelity,
-        model_fidelity=args.model_fidelity, thermo_types=dict(_parse_pairs(args.thermo_type, "--thermo-type")),
+        model_fidelity=args.model_fidelity, thermo_types=_parse_pairs(args.thermo_type, "--thermo-type", expected="FIDELITY=THERMO_TYPE"),
         max_candidates=args.max_candidates, reference_window=args.reference_window, fmax=args.fmax, steps=args.steps, batch_size=args.batch_size,
         dask_address=args.dask_address, dask_workers=args.dask_workers, device=args.device,
         out_dir=str(args.out) if args.out else None,
