@@ -34,7 +34,7 @@ demo: $(STAMP)
 # Resumable: stopping and re-running continues where it stopped.
 demo-data: $(STAMP)
 	bash scripts/install_dft.sh
-	OMP_NUM_THREADS=1 $(PY) -m pipeline.sources.demo_set
+	OMP_NUM_THREADS=1 $(PY) -m pipeline.label.demo_set
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests benchmarks

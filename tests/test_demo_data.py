@@ -13,8 +13,8 @@ from pymatgen.analysis.phase_diagram import PhaseDiagram
 from pipeline.config import Settings
 from pipeline.entries import table_to_entries
 from pipeline.io import ParquetDataset
+from pipeline.label.demo_set import CANDIDATE_PHASES, PBE, R2SCAN, REFERENCE_PHASES
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS
-from pipeline.sources.demo_set import CANDIDATE_PHASES, PBE, R2SCAN, REFERENCE_PHASES
 
 DEMO = Settings().demo_dir
 FIDELITIES = {PBE, R2SCAN}
@@ -24,7 +24,7 @@ KINDS = {"reference", "relax-step", "rattled", "strained", "decorated"}
 def _rows(name: str, schema=FRAMES_SCHEMA) -> list[dict]:
     ds = ParquetDataset(DEMO / name, schema, KEYS["frames"] if schema is FRAMES_SCHEMA else KEYS["entries"])
     if not ds.exists():
-        pytest.fail(f"{DEMO / name} is missing: regenerate with python -m pipeline.sources.demo_set")
+        pytest.fail(f"{DEMO / name} is missing: regenerate with python -m pipeline.label.demo_set")
     table = ds.read()
     assert table.schema.equals(schema, check_metadata=False)
     return table.to_pylist()

@@ -1,6 +1,6 @@
 """Generate the offline multi-fidelity demo data set (Li-Al, GPAW PBE + r2SCAN) under ``data/demo``.
 
-    python -m pipeline.sources.demo_set [--out data/demo] [--stop-at 11:55] [--max-variants 100]
+    python -m pipeline.label.demo_set [--out data/demo] [--stop-at 11:55] [--max-variants 100]
 
 Stages (each resumable: a re-run skips every frame / entry already stored, or already rejected):
 
@@ -41,10 +41,10 @@ from pipeline.config import Settings
 from pipeline.entries import entries_table, entry_to_row, row_to_entry
 from pipeline.frames import frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
+from pipeline.label.dft import Labeller, gpaw_fidelities
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
-from pipeline.sources.dft import Labeller, gpaw_fidelities
 
-log = logging.getLogger("pipeline.sources.demo_set")
+log = logging.getLogger("pipeline.label.demo_set")
 
 PBE, R2SCAN = "gpaw-pbe", "gpaw-r2scan"
 RUN_TYPE = {PBE: "PBE", R2SCAN: "R2SCAN"}
@@ -382,7 +382,7 @@ class DemoSet:
         cands = self.candidates.read().to_pylist() if self.candidates.exists() else []
         manifest = {
             "generated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "python -m pipeline.sources.demo_set",
+            "command": "python -m pipeline.label.demo_set",
             "system": "Li-Al",
             "fidelities": {name: {"run_type": f.run_type, "settings": dict(f.settings),
                                   "settings_hash": f.settings_hash} for name, f in fids.items()},
@@ -432,7 +432,7 @@ Regenerate (resumable: stop it any time, re-run the same command and it continue
 rejected is skipped):
 
     scripts/install_dft.sh                       # once: apt libxc/BLAS/MPI/FFTW + pip gpaw gpaw-data
-    OMP_NUM_THREADS=1 python -m pipeline.sources.demo_set [--stop-at HH:MM] [--max-variants 100] [--n-test 8]
+    OMP_NUM_THREADS=1 python -m pipeline.label.demo_set [--stop-at HH:MM] [--max-variants 100] [--n-test 8]
 
 `--stop-at` (UTC) starts no new calculation after that time; re-running later adds the rest. This README and
 `manifest.json` are rewritten from the data at the end of every run.
