@@ -48,6 +48,7 @@ log = logging.getLogger("pipeline.label.demo_set")
 
 PBE, R2SCAN = "gpaw-pbe", "gpaw-r2scan"
 RUN_TYPE = {PBE: "PBE", R2SCAN: "R2SCAN"}
+VARIANT_KINDS = ("decorated", "rattled", "strained")  # single points from scratch (not relaxation steps)
 R2SCAN_EVERY = 5  # one training variant in 5 also gets r2SCAN (20 %), see gets_r2scan
 RELAX_FMAX = 0.02  # eV/A (and the same on the cell through FrechetCellFilter)
 RELAX_STEPS = 40
@@ -220,6 +221,9 @@ class DeadlineReached(Exception):
 class DemoSet:
     """The folders of the demo set, and the resumable stages that fill them."""
 
+    #: prefix of entry ids (``<prefix>-<phase>-<fidelity>``)
+    prefix = "demo"
+
     def __init__(self, out: Path, labeller: Labeller, deadline: float | None = None):
         self.out = Path(out)
         self.labeller = labeller
@@ -262,7 +266,7 @@ class DemoSet:
         out = {}
         for row in dataset.read().to_pylist():
             if row["fidelity"] == fidelity:
-                name = row["entry_id"].removeprefix("demo-").removesuffix(f"-{fidelity}")
+                name = row["entry_id"].removeprefix(f"{self.prefix}-").removesuffix(f"-{fidelity}")
                 out[name] = AseAtomsAdaptor.get_atoms(row_to_entry(row).structure)
         return out
 
@@ -279,7 +283,7 @@ class DemoSet:
         skip = self._entry_ids(dataset) | self._rejected()
         pbe_relaxed = self.relaxed_structures(dataset, PBE)
         for phase in phases:
-            entry_id = f"demo-{phase.name}-{fidelity}"
+            entry_id = f"{self.prefix}-{phase.name}-{fidelity}"
             if not self._todo(entry_id, skip):
                 continue
             start = phase.build() if fidelity == PBE else pbe_relaxed.get(phase.name)
@@ -359,25 +363,6 @@ class DemoSet:
         test = self.test_frames.read().to_pylist() if self.test_frames.exists() else []
         fids = self.labeller.fidelities
 
-        def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for r in rows:
-                m = json.loads(r["meta"] or "{}")
-                s = out.setdefault(r["fidelity"], {"frames": 0, "by_kind": {}, "seconds_total": 0.0, "by_natoms": {}})
-                s["frames"] += 1
-                s["by_kind"][m.get("kind", "?")] = s["by_kind"].get(m.get("kind", "?"), 0) + 1
-                if r["ionic_step"] is not None or m.get("kind") in ("decorated", "rattled", "strained"):
-                    s["seconds_total"] += m.get("seconds", 0.0)
-                    if m.get("kind") in ("decorated", "rattled", "strained"):  # single points from scratch
-                        b = s["by_natoms"].setdefault(str(len(r["numbers"])), [])
-                        b.append(m.get("seconds", 0.0))
-            for s in out.values():
-                s["seconds_total"] = round(s["seconds_total"], 1)
-                s["single_point_seconds_by_natoms"] = {
-                    k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "max": round(float(np.max(v)), 1)}
-                    for k, v in sorted(s.pop("by_natoms").items(), key=lambda kv: int(kv[0]))}
-            return out
-
         entries = self.entries.read().to_pylist() if self.entries.exists() else []
         cands = self.candidates.read().to_pylist() if self.candidates.exists() else []
         manifest = {
@@ -391,8 +376,8 @@ class DemoSet:
                 "frames": len(frames), "test_frames": len(test), "entries": len(entries), "candidates": len(cands),
                 "rejects": self.rejects.read().num_rows if self.rejects.exists() else 0,
             },
-            "frames": summary(frames),
-            "test_frames": summary(test),
+            "frames": frame_summary(frames),
+            "test_frames": frame_summary(test),
             "entries": {r["entry_id"]: {"energy_per_atom": r["energy_per_atom"], "formula": r["formula"],
                                         **{k: json.loads(r["data"]).get(k) for k in ("relax_steps", "relax_seconds")}}
                         for r in entries + cands},
@@ -402,15 +387,38 @@ class DemoSet:
         return manifest
 
 
-def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    """Formation energy and energy above the reference hull (eV/atom) of every entry, per fidelity."""
+def frame_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per fidelity: frame count, counts by kind, compute seconds and single-point seconds by cell size."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        m = json.loads(r["meta"] or "{}")
+        s = out.setdefault(r["fidelity"], {"frames": 0, "by_kind": {}, "seconds_total": 0.0, "by_natoms": {}})
+        s["frames"] += 1
+        s["by_kind"][m.get("kind", "?")] = s["by_kind"].get(m.get("kind", "?"), 0) + 1
+        if r["ionic_step"] is not None or m.get("kind") in VARIANT_KINDS:
+            s["seconds_total"] += m.get("seconds", 0.0)
+            if m.get("kind") in VARIANT_KINDS:  # single points from scratch
+                b = s["by_natoms"].setdefault(str(len(r["numbers"])), [])
+                b.append(m.get("seconds", 0.0))
+    for s in out.values():
+        s["seconds_total"] = round(s["seconds_total"], 1)
+        s["single_point_seconds_by_natoms"] = {
+            k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "max": round(float(np.max(v)), 1)}
+            for k, v in sorted(s.pop("by_natoms").items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                 elements: frozenset[str] = frozenset({"Li", "Al"})) -> dict[str, Any]:
+    """Formation energy and energy above the reference hull (eV/atom) of every entry, per fidelity (a fidelity
+    is left out until every element of ``elements`` has an elemental reference at it)."""
     from pymatgen.analysis.phase_diagram import PhaseDiagram
 
     out: dict[str, Any] = {}
     for fidelity in (PBE, R2SCAN):
         refs = [row_to_entry(r) for r in entries if r["fidelity"] == fidelity]
-        elements = {str(el) for e in refs if len(e.composition) == 1 for el in e.composition}
-        if elements != {"Li", "Al"}:
+        present = {str(el) for e in refs if len(e.composition) == 1 for el in e.composition}
+        if present != set(elements):
             continue
         pd = PhaseDiagram(refs)
         out[fidelity] = {
