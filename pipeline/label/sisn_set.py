@@ -298,36 +298,42 @@ class SiSnSet(DemoSet):
 
 # ------------------------------------------------------------------------------------------- convergence
 
-CONVERGENCE_GRID = ((300, 3.0), (400, 3.0), (300, 4.5))
-CONVERGENCE_R2SCAN = ((300, 3.0), (400, 3.0), (300, 4.5))
+#: (functional, cutoff eV, k-point density 1/A), in the order they are computed (most informative first).
+CONVERGENCE_GRID = (("PBE", 300, 3.0), ("PBE", 400, 3.0), ("r2SCAN", 300, 3.0), ("r2SCAN", 400, 3.0),
+                    ("PBE", 300, 4.5), ("r2SCAN", 300, 4.5))
 
 
-def convergence(out: Path) -> dict[str, Any]:
+def convergence(out: Path, deadline: float | None = None) -> dict[str, Any]:
     """Polymorph energy differences (meV/atom) vs plane-wave cutoff (eV) and k-point density (1/A), at fixed
-    guessed geometries: Si betaSn - diamond, Sn betaSn - diamond, and the r2SCAN - PBE change of each (the
-    quantity a multi-fidelity model learns). Written to ``<out>/convergence.json`` (and copied into the manifest)."""
+    guessed geometries: Si betaSn - diamond and Sn betaSn - diamond, at both functionals (their r2SCAN - PBE
+    change is what a multi-fidelity model has to learn). Each grid point is appended to
+    ``<out>/convergence.json`` as soon as it exists; a re-run skips the points already there (resumable)."""
     structures = {"Si-diamond": phase_atoms("diamond", "Si"), "Si-betaSn": phase_atoms("betaSn", "Si"),
-                  "Sn-diamond": phase_atoms("diamond", "Sn"),
-                  "Sn-betaSn": phase_atoms("betaSn", "Sn")}
+                  "Sn-diamond": phase_atoms("diamond", "Sn"), "Sn-betaSn": phase_atoms("betaSn", "Sn")}
     pairs = {"Si betaSn-diamond": ("Si-betaSn", "Si-diamond"), "Sn betaSn-diamond": ("Sn-betaSn", "Sn-diamond")}
-    rows = []
-    for xc, grid in (("PBE", CONVERGENCE_GRID), ("r2SCAN", CONVERGENCE_R2SCAN)):
-        for ecut, kd in grid:
-            s = GpawSettings(xc="PBE" if xc == "PBE" else R2SCAN_XC, ecut=ecut, kpoint_density=kd)
-            e, secs = {}, 0.0
-            for name, atoms in structures.items():
-                work = atoms.copy()
-                work.calc = s.calculator(work)
-                t0 = time.perf_counter()
-                e[name] = work.get_potential_energy() / len(work)
-                secs += time.perf_counter() - t0
-            row = {"xc": xc, "ecut": ecut, "kpoint_density": kd, "seconds": round(secs, 1),
-                   **{k: round(1000 * (e[a] - e[b]), 1) for k, (a, b) in pairs.items()}}
-            log.info("convergence %s", row)
-            rows.append(row)
-    result = {"what": "energy differences in meV/atom at fixed (unrelaxed) geometries", "rows": rows}
+    path = out / "convergence.json"
+    result = json.loads(path.read_text()) if path.is_file() else {
+        "what": "energy differences in meV/atom at fixed (unrelaxed) geometries", "rows": []}
+    done = {(r["xc"], r["ecut"], r["kpoint_density"]) for r in result["rows"]}
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "convergence.json", result, sort_keys=True)
+    for xc, ecut, kd in CONVERGENCE_GRID:
+        if (xc, ecut, kd) in done:
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        s = GpawSettings(xc="PBE" if xc == "PBE" else R2SCAN_XC, ecut=ecut, kpoint_density=kd)
+        e, secs = {}, 0.0
+        for name, atoms in structures.items():
+            work = atoms.copy()
+            work.calc = s.calculator(work)
+            t0 = time.perf_counter()
+            e[name] = work.get_potential_energy() / len(work)
+            secs += time.perf_counter() - t0
+        row = {"xc": xc, "ecut": ecut, "kpoint_density": kd, "seconds": round(secs, 1),
+               **{k: round(1000 * float(e[a] - e[b]), 1) for k, (a, b) in pairs.items()}}
+        log.info("convergence %s", row)
+        result["rows"].append(row)
+        write_json_atomic(path, result, sort_keys=True)
     return result
 
 
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.convergence:
-        convergence(args.out)
+        convergence(args.out, _deadline(args.stop_at))
         return
     run(args.out, args.max_structures, _deadline(args.stop_at))
 
