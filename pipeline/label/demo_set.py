@@ -221,8 +221,11 @@ class DeadlineReached(Exception):
 class DemoSet:
     """The folders of the demo set, and the resumable stages that fill them."""
 
-    #: prefix of entry ids (``<prefix>-<phase>-<fidelity>``)
+    #: prefix of entry ids (``<prefix>-<phase>-<fidelity>``), and what the manifest says about the set
     prefix = "demo"
+    command = "python -m pipeline.label.demo_set"
+    system = "Li-Al"
+    elements = frozenset({"Li", "Al"})
 
     def __init__(self, out: Path, labeller: Labeller, deadline: float | None = None):
         self.out = Path(out)
@@ -367,8 +370,8 @@ class DemoSet:
         cands = self.candidates.read().to_pylist() if self.candidates.exists() else []
         manifest = {
             "generated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "python -m pipeline.label.demo_set",
-            "system": "Li-Al",
+            "command": self.command,
+            "system": self.system,
             "fidelities": {name: {"run_type": f.run_type, "settings": dict(f.settings),
                                   "settings_hash": f.settings_hash} for name, f in fids.items()},
             "software": dict(next(iter(fids.values())).software),
@@ -381,10 +384,16 @@ class DemoSet:
             "entries": {r["entry_id"]: {"energy_per_atom": r["energy_per_atom"], "formula": r["formula"],
                                         **{k: json.loads(r["data"]).get(k) for k in ("relax_steps", "relax_seconds")}}
                         for r in entries + cands},
-            "hull": hull_summary(entries, cands),
+            "hull": hull_summary(entries, cands, self.elements),
         }
+        self.manifest_extra(manifest, frames, test)
         write_json_atomic(self.out / "manifest.json", manifest, sort_keys=True)
         return manifest
+
+
+    def manifest_extra(self, manifest: dict[str, Any], frames: list[dict[str, Any]],
+                       test: list[dict[str, Any]]) -> None:
+        """Hook for subclasses: add set-specific fields to ``manifest`` (in place)."""
 
 
 def frame_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -538,19 +547,25 @@ def readme_tables(manifest: dict[str, Any]) -> str:
               "Reference hull = the relaxed reference phases of the same fidelity; candidates are placed on it.", "",
               "| entry | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |", "|---|---|---|---|---|"]
     hull = manifest.get("hull", {})
-    names = sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d})
-    for name in names:
-        cells = []
-        for fid in (PBE, R2SCAN):
-            v = hull.get(fid, {}).get(f"{name}-{fid}")
-            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += hull_rows(hull)
     below = [f"{k} ({v['e_above_hull']:+.4f})" for f, d in sorted(hull.items()) for k, v in sorted(d.items())
              if v["e_above_hull"] < 0]
     if below:
         lines += ["", "Negative E_hull = below the hull of the references (a candidate the reference set misses): "
                   + ", ".join(below) + ". Hull distances within ~10 meV/atom are below the k-point error."]
     return "\n".join(lines) + "\n"
+
+
+def hull_rows(hull: dict[str, Any]) -> list[str]:
+    """Markdown rows ``| phase | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |`` of a manifest's hull."""
+    rows = []
+    for name in sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d}):
+        cells = []
+        for fid in (PBE, R2SCAN):
+            v = hull.get(fid, {}).get(f"{name}-{fid}")
+            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def write_readme(out: Path, manifest: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.label.demo_set import PBE, R2SCAN
+from pipeline.label.demo_set import PBE, R2SCAN, hull_rows
 
 Z_SI, Z_SN = 14, 50
 
@@ -188,11 +188,5 @@ def readme(manifest: dict[str, Any], notes: str = "") -> str:
               ("Hull = the relaxed phases in `entries/` of the same fidelity; candidates are placed on it. A fidelity "
               "appears once both elements have a relaxed phase at it."), "",
               "| phase | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |", "|---|---|---|---|---|"]
-    names = sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d})
-    for name in names:
-        cells = []
-        for fid in (PBE, R2SCAN):
-            v = hull.get(fid, {}).get(f"{name}-{fid}")
-            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += hull_rows(hull)
     return "\n".join(lines) + "\n"

@@ -26,7 +26,6 @@ metallic) go to ``test_frames/`` and never to ``frames/``: the test split holds 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import time
@@ -51,8 +50,6 @@ from pipeline.label.demo_set import (
     Phase,
     _deadline,
     _strain,
-    frame_summary,
-    hull_summary,
 )
 from pipeline.label.dft import R2SCAN_XC, GpawSettings, Labeller, gpaw_fidelities
 from pipeline.label.sisn_readme import gap_stats, readme
@@ -220,6 +217,9 @@ class SiSnSet(DemoSet):
     """The folders of the Si-Sn set (same layout as ``data/demo``) and its interleaved, resumable work order."""
 
     prefix = "sisn"
+    command = "python -m pipeline.label.sisn_set"
+    system = "Si-Sn"
+    elements = ELEMENTS
 
     def relax_each(self, phases: tuple[Phase, ...], dataset: ParquetDataset, kind: str) -> None:
         """Each phase at PBE, then at r2SCAN from the PBE structure, before the next phase."""
@@ -246,12 +246,10 @@ class SiSnSet(DemoSet):
                 target.append(frames_table([row]))
                 log.info("%s: %d atoms, %.1f s", frame_id, len(atoms), json.loads(row["meta"])["seconds"])
 
-    def write_manifest(self) -> dict[str, Any]:
-        frames = self.frames.read().to_pylist() if self.frames.exists() else []
-        test = self.test_frames.read().to_pylist() if self.test_frames.exists() else []
-        entries = self.entries.read().to_pylist() if self.entries.exists() else []
-        cands = self.candidates.read().to_pylist() if self.candidates.exists() else []
-        fids = self.labeller.fidelities
+    def manifest_extra(self, manifest: dict[str, Any], frames: list[dict[str, Any]],
+                       test: list[dict[str, Any]]) -> None:
+        """Held-out prototypes, structures with both labels, counts by prototype, r2SCAN - PBE statistics and the
+        convergence checks."""
 
         def both(rows: list[dict[str, Any]]) -> int:
             by_id: dict[str, set[str]] = {}
@@ -267,33 +265,14 @@ class SiSnSet(DemoSet):
                     out[m["prototype"]] = out.get(m["prototype"], 0) + 1
             return dict(sorted(out.items()))
 
-        manifest = {
-            "generated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "python -m pipeline.label.sisn_set",
-            "system": "Si-Sn",
-            "held_out_prototypes": list(HELD_OUT),
-            "fidelities": {name: {"run_type": f.run_type, "settings": dict(f.settings),
-                                  "settings_hash": f.settings_hash} for name, f in fids.items()},
-            "software": dict(next(iter(fids.values())).software),
-            "counts": {
-                "frames": len(frames), "test_frames": len(test), "entries": len(entries), "candidates": len(cands),
-                "rejects": self.rejects.read().num_rows if self.rejects.exists() else 0,
-                "structures_with_both_fidelities": {"frames": both(frames), "test_frames": both(test)},
-                "structures_by_prototype": {"frames": by_prototype(frames), "test_frames": by_prototype(test)},
-            },
-            "frames": frame_summary(frames),
-            "test_frames": frame_summary(test),
-            "entries": {r["entry_id"]: {"energy_per_atom": r["energy_per_atom"], "formula": r["formula"],
-                                        **{k: json.loads(r["data"]).get(k) for k in ("relax_steps", "relax_seconds")}}
-                        for r in entries + cands},
-            "hull": hull_summary(entries, cands, ELEMENTS),
-            "gap": gap_stats(frames + test),
-        }
+        manifest["held_out_prototypes"] = list(HELD_OUT)
+        manifest["counts"]["structures_with_both_fidelities"] = {"frames": both(frames), "test_frames": both(test)}
+        manifest["counts"]["structures_by_prototype"] = {"frames": by_prototype(frames),
+                                                         "test_frames": by_prototype(test)}
+        manifest["gap"] = gap_stats(frames + test)
         conv = self.out / "convergence.json"
         if conv.is_file():
             manifest["convergence"] = json.loads(conv.read_text())
-        write_json_atomic(self.out / "manifest.json", manifest, sort_keys=True)
-        return manifest
 
 
 # ------------------------------------------------------------------------------------------- convergence
