@@ -214,6 +214,26 @@ def gets_r2scan(index: int) -> bool:
 # ------------------------------------------------------------------------------------------------ writer
 
 
+#: The folders of a project data set (data/demo, data/sisn): name -> (schema, key).
+PARTS = {"frames": (FRAMES_SCHEMA, KEYS["frames"]), "test_frames": (FRAMES_SCHEMA, KEYS["frames"]),
+         "entries": (ENTRIES_SCHEMA, KEYS["entries"]), "candidates": (ENTRIES_SCHEMA, KEYS["entries"]),
+         "rejects": (REJECTS_SCHEMA, KEYS["rejects"])}
+
+
+def part_dataset(root: Path, part: str) -> ParquetDataset:
+    """The ``part`` folder (see :data:`PARTS`) of the data set in ``root``."""
+    schema, key = PARTS[part]
+    return ParquetDataset(Path(root) / part, schema, key)
+
+
+def read_part(root: Path, part: str) -> pa.Table:
+    """Read the ``part`` folder of the data set in ``root``; a clear error when it is missing."""
+    ds = part_dataset(root, part)
+    if not ds.exists():
+        raise FileNotFoundError(f"{ds.path}: no Parquet parts (regenerate the set: see {Path(root) / 'README.md'})")
+    return ds.read()
+
+
 class DeadlineReached(Exception):
     """The --stop-at time has passed: no new calculation is started."""
 
@@ -231,11 +251,8 @@ class DemoSet:
         self.out = Path(out)
         self.labeller = labeller
         self.deadline = deadline
-        self.frames = ParquetDataset(self.out / "frames", FRAMES_SCHEMA, KEYS["frames"])
-        self.test_frames = ParquetDataset(self.out / "test_frames", FRAMES_SCHEMA, KEYS["frames"])
-        self.entries = ParquetDataset(self.out / "entries", ENTRIES_SCHEMA, KEYS["entries"])
-        self.candidates = ParquetDataset(self.out / "candidates", ENTRIES_SCHEMA, KEYS["entries"])
-        self.rejects = ParquetDataset(self.out / "rejects", REJECTS_SCHEMA, KEYS["rejects"])
+        self.frames, self.test_frames, self.entries, self.candidates, self.rejects = (
+            part_dataset(self.out, p) for p in PARTS)
 
     # -- helpers
     def out_of_time(self) -> bool:
