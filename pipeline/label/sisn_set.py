@@ -335,8 +335,10 @@ def run(out: Path, max_structures: int, deadline: float | None) -> SiSnSet:
 
 
 def write_readme(out: Path, manifest: dict[str, Any]) -> None:
-    """README = the hand-written head + tables computed from the manifest (:mod:`pipeline.label.sisn_readme`)."""
-    write_text_atomic(out / "README.md", readme(manifest))
+    """README = the hand-written head + ``notes.md`` (hand-written findings, kept across re-runs) + tables
+    computed from the manifest (:mod:`pipeline.label.sisn_readme`)."""
+    notes = out / "notes.md"
+    write_text_atomic(out / "README.md", readme(manifest, notes.read_text() if notes.is_file() else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,10 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-structures", type=int, default=400)
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM: start no new calculation after it")
     ap.add_argument("--convergence", action="store_true", help="run the cutoff / k-point checks and exit")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite manifest.json and README.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.convergence:
         convergence(args.out, _deadline(args.stop_at))
+        return
+    if args.report_only:
+        data = SiSnSet(args.out, Labeller(gpaw_fidelities(), source="gpaw"))
+        write_readme(data.out, data.write_manifest())
         return
     run(args.out, args.max_structures, _deadline(args.stop_at))
 
