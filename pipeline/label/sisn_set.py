@@ -60,7 +60,7 @@ ELEMENTS = frozenset({"Si", "Sn"})
 #: PBE equilibrium volume per atom of the diamond phase (A^3): Si a = 5.47 A, alpha-Sn a = 6.65 A.
 DIAMOND_VOLUME = {"Si": 5.47**3 / 8, "Sn": 6.65**3 / 8}
 SEED = 2026
-BLOCKS = (18, 54)  # structures labelled before the reference / the polymorph relaxations (see the work order)
+BLOCKS = (9, 54)  # structures labelled before the reference / the polymorph relaxations (see the work order)
 MAX_ATOMS = 8
 
 
