@@ -95,6 +95,11 @@ def test_reference_relaxation_and_manifest(tmp_path):
     ids = set(data.entries.read().column("entry_id").to_pylist())
     rejected = {r["record_id"] for r in data.rejects.read().to_pylist()} if data.rejects.exists() else set()
     assert ids | rejected == {f"sisn-{p.name}-{f}" for p in REFERENCE_PHASES[:2] for f in (PBE, R2SCAN)}
+    assert ids  # at least one relaxation converged with the toy calculator
+    for row in data.entries.read().to_pylist():  # provenance: settings, their hash, software; relaxation time
+        params = json.loads(row["parameters"])
+        assert params["settings"]["ecut"] and params["settings_hash"] == f"h-{row['fidelity']}"
+        assert "software" in params and json.loads(row["data"])["relax_seconds"] >= 0
     manifest = data.write_manifest()
     assert manifest["counts"]["frames"] == data.frames.read().num_rows
     assert manifest["gap"]["n"] == 6

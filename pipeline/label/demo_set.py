@@ -320,6 +320,7 @@ class DemoSet:
                 self._reject(entry_id, exc)
                 continue
             seconds = time.perf_counter() - t0
+            fid = self.labeller.fidelity(fidelity)
             # the last ionic step IS the relaxed structure: it is the "reference" frame (no duplicate row)
             final = rows[-1]
             meta = {**json.loads(final["meta"]), "kind": kind, "relaxed": True, "relax_steps": len(rows),
@@ -327,8 +328,8 @@ class DemoSet:
             final["meta"] = json.dumps(meta, sort_keys=True)
             entry = ComputedStructureEntry(
                 AseAtomsAdaptor.get_structure(relaxed), relaxed.get_potential_energy(),
-                parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(
-                    self.labeller.fidelity(fidelity).settings)},
+                parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(fid.settings),
+                            "settings_hash": fid.settings_hash, "software": dict(fid.software)},
                 data={"phase": phase.name, "prototype": phase.source, "relax_steps": len(rows),
                       "relax_seconds": round(seconds, 1), "max_force": float(np.abs(relaxed.get_forces()).max())},
                 entry_id=entry_id,
