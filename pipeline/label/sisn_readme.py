@@ -112,7 +112,7 @@ structure): references Si-diamond, Sn-diamond (alpha), Sn-betaSn, SiSn-B3 (zincb
 Si-betaSn, Si-bcc, Si-fcc, Sn-bcc, Sn-fcc; candidates (held-out prototypes) Si/Sn hexagonal diamond and simple
 hexagonal.
 
-Work order: structures 0-8; the four references; structures 9-53; the other relaxed phases and the
+Work order: Si-diamond and Sn-diamond; structures 0-8; Sn-betaSn and SiSn-B3; structures 9-53; the other relaxed phases and the
 candidates; the remaining structures.
 """
 

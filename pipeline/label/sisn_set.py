@@ -10,11 +10,11 @@ A per-element r2SCAN - PBE shift cannot describe such a set; a model has to lear
 Work order (resumable: every frame / entry already stored or rejected is skipped on a re-run; ``--stop-at``
 starts no new calculation after that UTC time):
 
-1. structures ``0 .. BLOCKS[0]-1`` (see :func:`structure`), each at PBE then r2SCAN (fidelities interleaved
-   per structure, so whatever exists at the deadline has both labels).
-2. ``references``: the four training-prototype phases Si-diamond, Sn-diamond (alpha), Sn-betaSn, SiSn-B3, each
-   relaxed at PBE and then, from the PBE structure, at r2SCAN -> ``entries/`` + ionic steps in ``frames/``.
-3. structures up to ``BLOCKS[1]-1``.
+1. the elements' ground-state prototypes Si-diamond and Sn-diamond (alpha), each relaxed at PBE and then, from
+   the PBE structure, at r2SCAN -> ``entries/`` + ionic steps in ``frames/`` (so a hull exists early).
+2. structures ``0 .. BLOCKS[0]-1`` (see :func:`structure`), each at PBE then r2SCAN (fidelities interleaved
+   per structure, so whatever exists at the deadline has both labels); both held-out prototypes are among them.
+3. the other references Sn-betaSn and SiSn-B3, then structures up to ``BLOCKS[1]-1``.
 4. ``polymorphs``: the other training-prototype phases (-> ``entries/``) and the held-out prototypes' phases
    (-> ``candidates/``, their ionic steps NOT in ``frames/``), both fidelities.
 5. the remaining structures up to ``--max-structures``.
@@ -325,8 +325,9 @@ def convergence(out: Path, deadline: float | None = None) -> dict[str, Any]:
 def run(out: Path, max_structures: int, deadline: float | None) -> SiSnSet:
     data = SiSnSet(out, Labeller(gpaw_fidelities(PBE_SETTINGS), source="gpaw"), deadline)
     try:
+        data.relax_each(REFERENCE_PHASES[:2], data.entries, "reference")  # the elements' ground states first
         data.label_structures(0, min(BLOCKS[0], max_structures))
-        data.relax_each(REFERENCE_PHASES, data.entries, "reference")
+        data.relax_each(REFERENCE_PHASES[2:], data.entries, "reference")
         data.label_structures(0, min(BLOCKS[1], max_structures))
         data.relax_each(POLYMORPH_PHASES, data.entries, "reference")
         data.relax_each(CANDIDATE_PHASES, data.candidates, "candidate")
