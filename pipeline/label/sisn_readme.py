@@ -112,8 +112,8 @@ structure): references Si-diamond, Sn-diamond (alpha), Sn-betaSn, SiSn-B3 (zincb
 Si-betaSn, Si-bcc, Si-fcc, Sn-bcc, Sn-fcc; candidates (held-out prototypes) Si/Sn hexagonal diamond and simple
 hexagonal.
 
-Work order: Si-diamond and Sn-diamond; structures 0-8; Sn-betaSn and SiSn-B3; structures 9-53; the other relaxed phases and the
-candidates; the remaining structures.
+Work order: Si-diamond and Sn-diamond; structures 0-8; Sn-betaSn and SiSn-B3; structures 9-53; the other
+relaxed phases and the candidates; the remaining structures.
 """
 
 
@@ -170,7 +170,9 @@ def readme(manifest: dict[str, Any], notes: str = "") -> str:
         lines += [f"| {k} | {v['n']} | {v['mean']} | {v['std']} |"
                   for k, v in gap["by_prototype_mean_residual_meV_per_atom"].items()]
         lines.append("")
-    lines += ["## Time per single-point calculation (one core shared with other jobs, seconds; `meta.seconds`)", "",
+    lines += ["## Time per single-point calculation (seconds, `meta.seconds`)", "",
+              ("Wall time on one core of a 2-core machine shared with five other developers' jobs, at `nice 19`: "
+               "upper bounds, several times the cost on an idle core."), "",
               "| fidelity | atoms | n | mean | max |", "|---|---|---|---|---|"]
     for part in ("frames", "test_frames"):
         for fid, s in sorted(manifest[part].items()):
