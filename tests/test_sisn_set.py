@@ -90,11 +90,11 @@ def test_generator_interleaves_fidelities_holds_out_prototypes_and_resumes(tmp_p
 
 def test_reference_relaxation_and_manifest(tmp_path):
     data = SiSnSet(tmp_path, _labeller())
-    data.relax_each(REFERENCE_PHASES[:2], data.entries, "reference")
+    data.relax_each(REFERENCE_PHASES[:1], data.entries, "reference")
     data.label_structures(0, 6)
     ids = set(data.entries.read().column("entry_id").to_pylist())
     rejected = {r["record_id"] for r in data.rejects.read().to_pylist()} if data.rejects.exists() else set()
-    assert ids | rejected == {f"sisn-{p.name}-{f}" for p in REFERENCE_PHASES[:2] for f in (PBE, R2SCAN)}
+    assert ids | rejected == {f"sisn-{p.name}-{f}" for p in REFERENCE_PHASES[:1] for f in (PBE, R2SCAN)}
     assert ids  # at least one relaxation converged with the toy calculator
     for row in data.entries.read().to_pylist():  # provenance: settings, their hash, software; relaxation time
         params = json.loads(row["parameters"])
