@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-structures", type=int, default=400)
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM: start no new calculation after it")
     ap.add_argument("--convergence", action="store_true", help="run the cutoff / k-point checks and exit")
-    ap.add_argument("--report-only", action="store_true", help="only rewrite manifest.json and README.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: compact the folders, rewrite manifest.json and README.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.convergence:
@@ -360,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.report_only:
         data = SiSnSet(args.out, Labeller(gpaw_fidelities(PBE_SETTINGS), source="gpaw"))
+        data.compact()
         write_readme(data.out, data.write_manifest())
         return
     run(args.out, args.max_structures, _deadline(args.stop_at))
