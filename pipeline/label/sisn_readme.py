@@ -61,7 +61,7 @@ generated from its own random stream, so ids never shift; `--stop-at` (UTC) star
 
     scripts/install_dft.sh                       # once: apt libxc/BLAS/MPI/FFTW + pip gpaw gpaw-data
     OMP_NUM_THREADS=1 nice -n 19 python -m pipeline.label.sisn_set --stop-at HH:MM [--max-structures 400]
-    make sisn-data                               # the same, without a deadline
+    make sisn-data STOP_AT=HH:MM                 # the same (STOP_AT optional), after scripts/install_dft.sh
 
 This README and `manifest.json` are rewritten from the data at the end of every run (`--convergence` re-runs
 the cutoff / k-point checks into `convergence.json`).
