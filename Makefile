@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install test test-all demo demo-data lint clean
+.PHONY: install test test-all demo demo-data sisn-data lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ demo: $(STAMP)
 # Resumable: stopping and re-running continues where it stopped.
 demo-data: $(STAMP)
 	bash scripts/install_dft.sh
-	OMP_NUM_THREADS=1 $(PY) -m pipeline.sources.demo_set
+	OMP_NUM_THREADS=1 $(PY) -m pipeline.label.demo_set
+
+# Grow / resume data/sisn (Si-Sn PBE + r2SCAN, see data/sisn/README.md); STOP_AT=HH:MM (UTC) ends it politely.
+STOP_AT ?=
+sisn-data: $(STAMP)
+	bash scripts/install_dft.sh
+	OMP_NUM_THREADS=1 nice -n 19 $(PY) -m pipeline.label.sisn_set $(if $(STOP_AT),--stop-at $(STOP_AT))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline flows tests benchmarks

@@ -12,22 +12,16 @@ from pymatgen.analysis.phase_diagram import PhaseDiagram
 
 from pipeline.config import Settings
 from pipeline.entries import table_to_entries
-from pipeline.io import ParquetDataset
-from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS
-from pipeline.sources.demo_set import CANDIDATE_PHASES, PBE, R2SCAN, REFERENCE_PHASES
+from pipeline.label.demo_set import CANDIDATE_PHASES, PBE, R2SCAN, REFERENCE_PHASES, read_part
+from pipeline.schema import ENTRIES_SCHEMA
 
 DEMO = Settings().demo_dir
 FIDELITIES = {PBE, R2SCAN}
 KINDS = {"reference", "relax-step", "rattled", "strained", "decorated"}
 
 
-def _rows(name: str, schema=FRAMES_SCHEMA) -> list[dict]:
-    ds = ParquetDataset(DEMO / name, schema, KEYS["frames"] if schema is FRAMES_SCHEMA else KEYS["entries"])
-    if not ds.exists():
-        pytest.fail(f"{DEMO / name} is missing: regenerate with python -m pipeline.sources.demo_set")
-    table = ds.read()
-    assert table.schema.equals(schema, check_metadata=False)
-    return table.to_pylist()
+def _rows(name: str) -> list[dict]:
+    return read_part(DEMO, name).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +36,7 @@ def test_frames() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def entries() -> list[dict]:
-    return _rows("entries", ENTRIES_SCHEMA)
+    return _rows("entries")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +141,7 @@ def _table(rows: list[dict]):
 
 
 def test_candidates_ground_truth_and_starting_structures(entries):
-    cands = _rows("candidates", ENTRIES_SCHEMA)
+    cands = _rows("candidates")
     ids = {r["entry_id"] for r in cands}
     assert not ids & {r["entry_id"] for r in entries}
     images = ase_read(Path(DEMO / "candidates.extxyz"), index=":")

@@ -11,7 +11,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
 from pipeline.frames import frames_table, row_to_atoms
-from pipeline.sources.dft import R2SCAN_XC, Fidelity, GpawSettings, LabelError, Labeller, gpaw_fidelities
+from pipeline.label.dft import R2SCAN_XC, Fidelity, GpawSettings, LabelError, Labeller, gpaw_fidelities
 
 
 class Exploding(Calculator):
@@ -153,7 +153,7 @@ def _lj_labeller():
 
 
 def test_variants_are_deterministic_small_and_varied():
-    from pipeline.sources.demo_set import REFERENCE_PHASES, variant_structures
+    from pipeline.label.demo_set import REFERENCE_PHASES, variant_structures
 
     refs = {p.name: p.build() for p in REFERENCE_PHASES}
     a = list(variant_structures(refs, seed=3, count=25))
@@ -166,7 +166,7 @@ def test_variants_are_deterministic_small_and_varied():
 
 
 def test_r2scan_subset_covers_every_kind():
-    from pipeline.sources.demo_set import R2SCAN_EVERY, REFERENCE_PHASES, gets_r2scan, variant_structures
+    from pipeline.label.demo_set import R2SCAN_EVERY, REFERENCE_PHASES, gets_r2scan, variant_structures
 
     refs = {p.name: p.build() for p in REFERENCE_PHASES}
     chosen = [m["kind"] for i, (*_, m) in enumerate(variant_structures(refs, seed=1, count=50)) if gets_r2scan(i)]
@@ -175,7 +175,7 @@ def test_r2scan_subset_covers_every_kind():
 
 
 def test_demo_generator_is_resumable_and_keeps_test_set_apart(tmp_path):
-    from pipeline.sources.demo_set import REFERENCE_PHASES, DemoSet
+    from pipeline.label.demo_set import REFERENCE_PHASES, DemoSet
 
     demo = DemoSet(tmp_path, _lj_labeller())
     refs = {p.name: p.build() for p in REFERENCE_PHASES}
@@ -196,7 +196,7 @@ def test_demo_generator_is_resumable_and_keeps_test_set_apart(tmp_path):
 
 
 def test_demo_generator_records_failed_calculations(tmp_path):
-    from pipeline.sources.demo_set import CANDIDATE_PHASES, DemoSet
+    from pipeline.label.demo_set import CANDIDATE_PHASES, DemoSet
 
     lab = Labeller({f: Fidelity(f, lambda atoms: Exploding(max_atoms=2), run_type="PBE")
                     for f in ("gpaw-pbe", "gpaw-r2scan")}, source="gpaw")

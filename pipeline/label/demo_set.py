@@ -1,6 +1,6 @@
 """Generate the offline multi-fidelity demo data set (Li-Al, GPAW PBE + r2SCAN) under ``data/demo``.
 
-    python -m pipeline.sources.demo_set [--out data/demo] [--stop-at 11:55] [--max-variants 100]
+    python -m pipeline.label.demo_set [--out data/demo] [--stop-at 11:55] [--max-variants 100]
 
 Stages (each resumable: a re-run skips every frame / entry already stored, or already rejected):
 
@@ -41,13 +41,14 @@ from pipeline.config import Settings
 from pipeline.entries import entries_table, entry_to_row, row_to_entry
 from pipeline.frames import frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
+from pipeline.label.dft import Labeller, gpaw_fidelities
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
-from pipeline.sources.dft import Labeller, gpaw_fidelities
 
-log = logging.getLogger("pipeline.sources.demo_set")
+log = logging.getLogger("pipeline.label.demo_set")
 
 PBE, R2SCAN = "gpaw-pbe", "gpaw-r2scan"
 RUN_TYPE = {PBE: "PBE", R2SCAN: "R2SCAN"}
+VARIANT_KINDS = ("decorated", "rattled", "strained")  # single points from scratch (not relaxation steps)
 R2SCAN_EVERY = 5  # one training variant in 5 also gets r2SCAN (20 %), see gets_r2scan
 RELAX_FMAX = 0.02  # eV/A (and the same on the cell through FrechetCellFilter)
 RELAX_STEPS = 40
@@ -213,6 +214,26 @@ def gets_r2scan(index: int) -> bool:
 # ------------------------------------------------------------------------------------------------ writer
 
 
+#: The folders of a project data set (data/demo, data/sisn): name -> (schema, key).
+PARTS = {"frames": (FRAMES_SCHEMA, KEYS["frames"]), "test_frames": (FRAMES_SCHEMA, KEYS["frames"]),
+         "entries": (ENTRIES_SCHEMA, KEYS["entries"]), "candidates": (ENTRIES_SCHEMA, KEYS["entries"]),
+         "rejects": (REJECTS_SCHEMA, KEYS["rejects"])}
+
+
+def part_dataset(root: Path, part: str) -> ParquetDataset:
+    """The ``part`` folder (see :data:`PARTS`) of the data set in ``root``."""
+    schema, key = PARTS[part]
+    return ParquetDataset(Path(root) / part, schema, key)
+
+
+def read_part(root: Path, part: str) -> pa.Table:
+    """Read the ``part`` folder of the data set in ``root``; a clear error when it is missing."""
+    ds = part_dataset(root, part)
+    if not ds.exists():
+        raise FileNotFoundError(f"{ds.path}: no Parquet parts (regenerate the set: see {Path(root) / 'README.md'})")
+    return ds.read()
+
+
 class DeadlineReached(Exception):
     """The --stop-at time has passed: no new calculation is started."""
 
@@ -220,15 +241,18 @@ class DeadlineReached(Exception):
 class DemoSet:
     """The folders of the demo set, and the resumable stages that fill them."""
 
+    #: prefix of entry ids (``<prefix>-<phase>-<fidelity>``), and what the manifest says about the set
+    prefix = "demo"
+    command = "python -m pipeline.label.demo_set"
+    system = "Li-Al"
+    elements = frozenset({"Li", "Al"})
+
     def __init__(self, out: Path, labeller: Labeller, deadline: float | None = None):
         self.out = Path(out)
         self.labeller = labeller
         self.deadline = deadline
-        self.frames = ParquetDataset(self.out / "frames", FRAMES_SCHEMA, KEYS["frames"])
-        self.test_frames = ParquetDataset(self.out / "test_frames", FRAMES_SCHEMA, KEYS["frames"])
-        self.entries = ParquetDataset(self.out / "entries", ENTRIES_SCHEMA, KEYS["entries"])
-        self.candidates = ParquetDataset(self.out / "candidates", ENTRIES_SCHEMA, KEYS["entries"])
-        self.rejects = ParquetDataset(self.out / "rejects", REJECTS_SCHEMA, KEYS["rejects"])
+        self.frames, self.test_frames, self.entries, self.candidates, self.rejects = (
+            part_dataset(self.out, p) for p in PARTS)
 
     # -- helpers
     def out_of_time(self) -> bool:
@@ -262,7 +286,7 @@ class DemoSet:
         out = {}
         for row in dataset.read().to_pylist():
             if row["fidelity"] == fidelity:
-                name = row["entry_id"].removeprefix("demo-").removesuffix(f"-{fidelity}")
+                name = row["entry_id"].removeprefix(f"{self.prefix}-").removesuffix(f"-{fidelity}")
                 out[name] = AseAtomsAdaptor.get_atoms(row_to_entry(row).structure)
         return out
 
@@ -279,7 +303,7 @@ class DemoSet:
         skip = self._entry_ids(dataset) | self._rejected()
         pbe_relaxed = self.relaxed_structures(dataset, PBE)
         for phase in phases:
-            entry_id = f"demo-{phase.name}-{fidelity}"
+            entry_id = f"{self.prefix}-{phase.name}-{fidelity}"
             if not self._todo(entry_id, skip):
                 continue
             start = phase.build() if fidelity == PBE else pbe_relaxed.get(phase.name)
@@ -296,6 +320,7 @@ class DemoSet:
                 self._reject(entry_id, exc)
                 continue
             seconds = time.perf_counter() - t0
+            fid = self.labeller.fidelity(fidelity)
             # the last ionic step IS the relaxed structure: it is the "reference" frame (no duplicate row)
             final = rows[-1]
             meta = {**json.loads(final["meta"]), "kind": kind, "relaxed": True, "relax_steps": len(rows),
@@ -303,8 +328,8 @@ class DemoSet:
             final["meta"] = json.dumps(meta, sort_keys=True)
             entry = ComputedStructureEntry(
                 AseAtomsAdaptor.get_structure(relaxed), relaxed.get_potential_energy(),
-                parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(
-                    self.labeller.fidelity(fidelity).settings)},
+                parameters={"run_type": RUN_TYPE[fidelity], "settings": dict(fid.settings),
+                            "settings_hash": fid.settings_hash, "software": dict(fid.software)},
                 data={"phase": phase.name, "prototype": phase.source, "relax_steps": len(rows),
                       "relax_seconds": round(seconds, 1), "max_force": float(np.abs(relaxed.get_forces()).max())},
                 entry_id=entry_id,
@@ -359,31 +384,12 @@ class DemoSet:
         test = self.test_frames.read().to_pylist() if self.test_frames.exists() else []
         fids = self.labeller.fidelities
 
-        def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for r in rows:
-                m = json.loads(r["meta"] or "{}")
-                s = out.setdefault(r["fidelity"], {"frames": 0, "by_kind": {}, "seconds_total": 0.0, "by_natoms": {}})
-                s["frames"] += 1
-                s["by_kind"][m.get("kind", "?")] = s["by_kind"].get(m.get("kind", "?"), 0) + 1
-                if r["ionic_step"] is not None or m.get("kind") in ("decorated", "rattled", "strained"):
-                    s["seconds_total"] += m.get("seconds", 0.0)
-                    if m.get("kind") in ("decorated", "rattled", "strained"):  # single points from scratch
-                        b = s["by_natoms"].setdefault(str(len(r["numbers"])), [])
-                        b.append(m.get("seconds", 0.0))
-            for s in out.values():
-                s["seconds_total"] = round(s["seconds_total"], 1)
-                s["single_point_seconds_by_natoms"] = {
-                    k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "max": round(float(np.max(v)), 1)}
-                    for k, v in sorted(s.pop("by_natoms").items(), key=lambda kv: int(kv[0]))}
-            return out
-
         entries = self.entries.read().to_pylist() if self.entries.exists() else []
         cands = self.candidates.read().to_pylist() if self.candidates.exists() else []
         manifest = {
             "generated_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "command": "python -m pipeline.sources.demo_set",
-            "system": "Li-Al",
+            "command": self.command,
+            "system": self.system,
             "fidelities": {name: {"run_type": f.run_type, "settings": dict(f.settings),
                                   "settings_hash": f.settings_hash} for name, f in fids.items()},
             "software": dict(next(iter(fids.values())).software),
@@ -391,26 +397,55 @@ class DemoSet:
                 "frames": len(frames), "test_frames": len(test), "entries": len(entries), "candidates": len(cands),
                 "rejects": self.rejects.read().num_rows if self.rejects.exists() else 0,
             },
-            "frames": summary(frames),
-            "test_frames": summary(test),
+            "frames": frame_summary(frames),
+            "test_frames": frame_summary(test),
             "entries": {r["entry_id"]: {"energy_per_atom": r["energy_per_atom"], "formula": r["formula"],
                                         **{k: json.loads(r["data"]).get(k) for k in ("relax_steps", "relax_seconds")}}
                         for r in entries + cands},
-            "hull": hull_summary(entries, cands),
+            "hull": hull_summary(entries, cands, self.elements),
         }
+        self.manifest_extra(manifest, frames, test)
         write_json_atomic(self.out / "manifest.json", manifest, sort_keys=True)
         return manifest
 
 
-def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]]) -> dict[str, Any]:
-    """Formation energy and energy above the reference hull (eV/atom) of every entry, per fidelity."""
+    def manifest_extra(self, manifest: dict[str, Any], frames: list[dict[str, Any]],
+                       test: list[dict[str, Any]]) -> None:
+        """Hook for subclasses: add set-specific fields to ``manifest`` (in place)."""
+
+
+def frame_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per fidelity: frame count, counts by kind, compute seconds and single-point seconds by cell size."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        m = json.loads(r["meta"] or "{}")
+        s = out.setdefault(r["fidelity"], {"frames": 0, "by_kind": {}, "seconds_total": 0.0, "by_natoms": {}})
+        s["frames"] += 1
+        s["by_kind"][m.get("kind", "?")] = s["by_kind"].get(m.get("kind", "?"), 0) + 1
+        if r["ionic_step"] is not None or m.get("kind") in VARIANT_KINDS:
+            s["seconds_total"] += m.get("seconds", 0.0)
+            if m.get("kind") in VARIANT_KINDS:  # single points from scratch
+                b = s["by_natoms"].setdefault(str(len(r["numbers"])), [])
+                b.append(m.get("seconds", 0.0))
+    for s in out.values():
+        s["seconds_total"] = round(s["seconds_total"], 1)
+        s["single_point_seconds_by_natoms"] = {
+            k: {"n": len(v), "mean": round(float(np.mean(v)), 1), "max": round(float(np.max(v)), 1)}
+            for k, v in sorted(s.pop("by_natoms").items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+def hull_summary(entries: list[dict[str, Any]], candidates: list[dict[str, Any]],
+                 elements: frozenset[str] = frozenset({"Li", "Al"})) -> dict[str, Any]:
+    """Formation energy and energy above the reference hull (eV/atom) of every entry, per fidelity (a fidelity
+    is left out until every element of ``elements`` has an elemental reference at it)."""
     from pymatgen.analysis.phase_diagram import PhaseDiagram
 
     out: dict[str, Any] = {}
     for fidelity in (PBE, R2SCAN):
         refs = [row_to_entry(r) for r in entries if r["fidelity"] == fidelity]
-        elements = {str(el) for e in refs if len(e.composition) == 1 for el in e.composition}
-        if elements != {"Li", "Al"}:
+        present = {str(el) for e in refs if len(e.composition) == 1 for el in e.composition}
+        if present != set(elements):
             continue
         pd = PhaseDiagram(refs)
         out[fidelity] = {
@@ -432,7 +467,7 @@ Regenerate (resumable: stop it any time, re-run the same command and it continue
 rejected is skipped):
 
     scripts/install_dft.sh                       # once: apt libxc/BLAS/MPI/FFTW + pip gpaw gpaw-data
-    OMP_NUM_THREADS=1 python -m pipeline.sources.demo_set [--stop-at HH:MM] [--max-variants 100] [--n-test 8]
+    OMP_NUM_THREADS=1 python -m pipeline.label.demo_set [--stop-at HH:MM] [--max-variants 100] [--n-test 8]
 
 `--stop-at` (UTC) starts no new calculation after that time; re-running later adds the rest. This README and
 `manifest.json` are rewritten from the data at the end of every run.
@@ -530,19 +565,25 @@ def readme_tables(manifest: dict[str, Any]) -> str:
               "Reference hull = the relaxed reference phases of the same fidelity; candidates are placed on it.", "",
               "| entry | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |", "|---|---|---|---|---|"]
     hull = manifest.get("hull", {})
-    names = sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d})
-    for name in names:
-        cells = []
-        for fid in (PBE, R2SCAN):
-            v = hull.get(fid, {}).get(f"{name}-{fid}")
-            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += hull_rows(hull)
     below = [f"{k} ({v['e_above_hull']:+.4f})" for f, d in sorted(hull.items()) for k, v in sorted(d.items())
              if v["e_above_hull"] < 0]
     if below:
         lines += ["", "Negative E_hull = below the hull of the references (a candidate the reference set misses): "
                   + ", ".join(below) + ". Hull distances within ~10 meV/atom are below the k-point error."]
     return "\n".join(lines) + "\n"
+
+
+def hull_rows(hull: dict[str, Any]) -> list[str]:
+    """Markdown rows ``| phase | E_f PBE | E_hull PBE | E_f r2SCAN | E_hull r2SCAN |`` of a manifest's hull."""
+    rows = []
+    for name in sorted({k.removesuffix(f"-{f}") for f, d in hull.items() for k in d}):
+        cells = []
+        for fid in (PBE, R2SCAN):
+            v = hull.get(fid, {}).get(f"{name}-{fid}")
+            cells += [f"{v['formation_energy_per_atom']:.4f}", f"{v['e_above_hull']:.4f}"] if v else ["", ""]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def write_readme(out: Path, manifest: dict[str, Any]) -> None:
