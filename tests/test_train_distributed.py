@@ -103,7 +103,7 @@ def equal_size_frames(mp_file, tmp_path_factory):
 def test_two_process_gloo_ddp_matches_one_process(equal_size_frames, tmp_path):
     data, elements = equal_size_frames
     ctx = mp.start_processes(_rank_main, args=(_free_port(), data, elements, str(tmp_path)), nprocs=2,
-                             join=True, start_method="fork")
+                             join=True, start_method="spawn")  # fork is unsafe once the suite has started threads (Prefect, Dask)
     assert ctx is None or ctx.join()
     ddp_losses = json.loads((tmp_path / "losses.json").read_text())
 

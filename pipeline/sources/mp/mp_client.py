@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import threading
@@ -129,6 +130,10 @@ class MPResterClient:
         plain = key.reveal() if isinstance(key, Secret) else str(key)
         if rester_factory is None:
             from mp_api.client import MPRester as rester_factory
+
+            # mp-api reads MP_API_ENDPOINT once, when it is first imported: pass it at call time instead
+            if os.environ.get("MP_API_ENDPOINT"):
+                kwargs.setdefault("endpoint", os.environ["MP_API_ENDPOINT"])
         kwargs.setdefault("mute_progress_bars", True)
         try:
             rester = call_with_deadline(lambda: rester_factory(api_key=plain, **kwargs), timeout,
