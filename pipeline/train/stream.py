@@ -315,6 +315,7 @@ class FrameStream:
         rank: int | None = None,
         world_size: int | None = None,
         label_policy: Mapping[str, Sequence[str]] | None = None,
+        worker_start_method: str = "spawn",
     ) -> None:
         if buffer_rows < 1:
             raise ValueError(f"buffer_rows must be positive, got {buffer_rows}")
@@ -335,6 +336,7 @@ class FrameStream:
         self.seed = int(seed)
         self.buffer_rows = int(buffer_rows)
         self.label_policy = label_policy
+        self.worker_start_method = worker_start_method  # DataLoader workers: "spawn" (safe) or "fork" (faster start)
         if world_size is None:
             initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
             world_size = torch.distributed.get_world_size() if initialised else 1
@@ -381,8 +383,13 @@ class FrameStream:
         batches, blocks, positions = self.plan(epoch, start)
         dataset = _PlanDataset(self, batches, blocks, positions)
         kwargs: dict[str, Any] = {}
-        if num_workers > 0 and prefetch_factor is not None:
-            kwargs["prefetch_factor"] = prefetch_factor
+        if num_workers > 0:
+            # spawned workers: forking a process that already runs threads (Prefect, Dask, torch's pools) can
+            # leave a worker holding a lock that no thread will release (seen as workers dying in the test suite)
+            kwargs["multiprocessing_context"] = self.worker_start_method
+            kwargs["persistent_workers"] = False
+            if prefetch_factor is not None:
+                kwargs["prefetch_factor"] = prefetch_factor
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                           collate_fn=_identity, **kwargs)
 

@@ -51,6 +51,7 @@ from typing import Any
 from pipeline.entries import entries_table
 from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset
+from pipeline.progress import progress
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
 from pipeline.sources.base import ImportResult
 from pipeline.sources.common import read_json
@@ -385,7 +386,8 @@ def import_to_dataset(
         buffer = ImportResult(SOURCE)
         origins.clear()
 
-    for file, detected, rejected in _plan(path, kind):
+    plan = list(_plan(path, kind))
+    for file, detected, rejected in progress(plan, desc="import", unit="file"):
         totals["files"] += 1
         if detected is None:
             buffer.extend(add(rejected, file))

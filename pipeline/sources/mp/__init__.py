@@ -43,6 +43,7 @@ from pipeline.config import mp_api_key
 from pipeline.entries import entries_table, entry_to_row, normalize_run_type
 from pipeline.frames import RecordError, frames_table
 from pipeline.io import ParquetDataset, write_json_atomic
+from pipeline.progress import progress
 from pipeline.schema import ENTRIES_SCHEMA, FRAMES_SCHEMA, KEYS, REJECTS_SCHEMA
 from pipeline.sources.mp.mp_client import (
     DEFAULT_TIMEOUT,
@@ -203,10 +204,12 @@ class MPIngest:
         if not todo:
             return
         pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="mp-ingest")
+        bar = progress(total=len(todo), desc=f"ingest {todo[0].split(':', 1)[0]}", unit="unit")
         try:
             futures: dict[Future[Any], str] = {pool.submit(self._guarded, fetch, u): u for u in todo}
             for future in as_completed(futures):
                 unit = futures[future]
+                bar.update(1)
                 try:
                     result = future.result()
                 except RetriesExhausted as exc:
@@ -224,6 +227,7 @@ class MPIngest:
             self._abort.set()  # stopping (auth, crash, Ctrl-C): queued units must not start
             raise
         finally:
+            bar.close()
             pool.shutdown(wait=True, cancel_futures=True)
             self._flush()  # what finished is stored even when the run is being torn down
 
