@@ -307,7 +307,10 @@ def screen(
     def hull_rows(energies: Mapping[str, float] | None) -> list[dict[str, Any]]:
         if len(heads) == 2:
             return mixed_e_above_hull(predictions["pbe"], predictions["r2scan"], hull, model_energies=energies)
-        return e_above_hull(predictions[heads[0]], hull, model_energies=energies, fidelity=heads[0])
+        # a mixed hull places a prediction by its head (pbe / r2scan); any other hull compares the model, at the
+        # head the user mapped with model_fidelity, against references of the report's fidelity
+        placed_as = heads[0] if mixed else fidelity
+        return e_above_hull(predictions[heads[0]], hull, model_energies=energies, fidelity=placed_as)
 
     notes: list[str] = []
     try:

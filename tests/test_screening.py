@@ -85,6 +85,22 @@ def test_unknown_fidelity_is_an_error(world, tmp_path):
                out_dir=tmp_path)
 
 
+def test_model_head_of_another_name_screens_against_the_reference_fidelity(world, tmp_path):
+    """--model-fidelity maps a head (here 'pbe') onto references of another name ('emt'), as the demo campaign maps
+    MF-0's r2scan head onto gpaw-r2scan references: rows are computed, not refused as a fidelity mismatch."""
+    references, candidates, truth, _ = world
+    refs = fit_element_references([[13], [29]], [-3.7, -3.5], ["pbe", "pbe"])
+    model = MFPotential(preset("small", elements=("Al", "Cu"), fidelities=("pbe",)), refs)
+    pbe_ckpt = save_checkpoint(model, tmp_path / "pbe-head.pt")
+    files = screen(candidates, references, checkpoint=pbe_ckpt, thermo_type="raw", fidelity="emt",
+                   model_fidelity="pbe", out_dir=tmp_path / "out", truth=truth, relax=RelaxSettings(steps=5))
+    report = {r["candidate_id"]: r for r in pq.read_table(files["report"]).to_pylist()}
+    assert set(report) == {"AlCu-B2", "Cu3Al-L12"}
+    for row in report.values():
+        assert row["e_hull_pred_dft_hull"] is not None and row["e_hull_pred_model_hull"] is not None, row
+        assert row["fidelity"] == "emt"
+
+
 def test_screen_recomputes_every_reference_phase_and_says_so(world, tmp_path):
     """At most 50 reference phases: all of them are recomputed by the model (not only those near the DFT hull),
     and the report names them."""
