@@ -567,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RunNameFilter())
+    if not args.verbose:  # one-line errors on the console: failed-run records keep their message, not the traceback
+        from pipeline.quiet import NoTracebackFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(NoTracebackFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     try:
         _clean_leftovers(args)
         return args.func(args)

@@ -43,3 +43,18 @@ class RunNameFilter(logging.Filter):
             record.msg = f"{kind} {name!r}: {record.msg}"
             record._run_named = True
         return True
+
+
+class NoTracebackFormatter(logging.Formatter):
+    """A console formatter that prints a record's message without its traceback. Prefect logs a failed task or
+    flow run with the full traceback; the CLI prints that error as one line itself, so without ``-v`` its
+    console shows the one-line records only. The record is left as it was, so other handlers (Prefect's API
+    handler: the run's logs in the UI) still get the traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
