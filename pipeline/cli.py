@@ -278,6 +278,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow
     from pipeline.config import Settings
 
+    from pipeline.model import MFPotential, preset
+
+    _threads_for(MFPotential(preset("small")))  # the demo trains and relaxes with the small preset: one thread
     out = args.out or Settings().reports_dir / "demo"
     summary = demo_flow(out_dir=str(out), epochs=args.epochs)
     _print(summary)
@@ -286,6 +289,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_campaign(args: argparse.Namespace) -> int:
     from flows.campaign import campaign_flow
+    from pipeline.threads import configure_torch_threads
+
+    configure_torch_threads(None)  # the model is chosen inside the flow: threads from the CPUs free now
 
     if not args.candidates and not args.substitute:
         raise ValueError("give --candidates FILE/DIR... or --substitute (prototype substitution)")
