@@ -277,7 +277,6 @@ def cmd_import_sevenn(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import demo_flow
     from pipeline.config import Settings
-
     from pipeline.model import MFPotential, preset
 
     _threads_for(MFPotential(preset("small")))  # the demo trains and relaxes with the small preset: one thread
