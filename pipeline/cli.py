@@ -41,19 +41,6 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def _parse_policy(items: list[str] | None) -> dict[str, tuple[str, ...]] | None:
-    """['gpaw-r2scan=energy', 'pbe=energy,forces'] -> {fidelity: labels}."""
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        fid, _, labels = item.partition("=")
-        if not labels:
-            raise ValueError(f"--labels {item!r}: expected FIDELITY=label[,label...]")
-        out[fid.strip().lower()] = tuple(x.strip() for x in labels.split(","))
-    return out
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from pipeline.sources.files import IMPORTERS, import_paths
 
@@ -107,9 +94,7 @@ def _load_train_config(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     first = parser.parse_args(argv)
     if not getattr(first, "config", None):
         return first
-    path = Path(first.config)
-    if not path.is_file():
-        raise SystemExit(f"mfhull train: error: config file not found: {path}")
+    path = Path(first.config)  # checked to be a file by its argparse type
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"mfhull train: error: {path}: expected a mapping of option: value")
@@ -130,12 +115,17 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise KeyError(name)
 
 
+def _labels(text: str) -> tuple[str, ...]:
+    """'energy,forces' -> ('energy', 'forces') (a --labels value)."""
+    return tuple(x.strip() for x in text.split(","))
+
+
 def train_config_from_args(args: argparse.Namespace):
     from pipeline.train import LossWeights, TrainConfig
 
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, label_policy=_parse_policy(args.labels), val_fraction=args.val_fraction,
+        device=args.device, label_policy=_parse_pairs(args.labels, "--labels", _labels, expected="FIDELITY=label[,label...]") or None, val_fraction=args.val_fraction,
         loss=args.loss, huber_delta=args.huber_delta, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
         scheduler=args.scheduler, patience=args.patience, target_fidelity=args.target_fidelity,
         fidelity_weights=_parse_pairs(args.fidelity_weight, "--fidelity-weight", float) or None,
@@ -159,21 +149,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     if frames.num_rows == 0:
         raise ValueError(f"--frames {args.frames}: no frames to train on")
     cfg = train_config_from_args(args)
-    _threads_for(MFPotential(preset(args.preset)))
+    model_config = preset(args.preset)
+    _threads_for(MFPotential(model_config))
     if args.strategy:
         from pipeline.train.strategies import run_strategy
 
         if not (args.high and args.low) and args.strategy != "single":
             raise ValueError("--strategy needs --high and --low fidelities")
         steps = args.max_steps or args.epochs * -(-frames.num_rows // args.batch_size)
-        res = run_strategy(args.strategy, frames, preset(args.preset), dataclasses.replace(cfg, init_from=None),
+        res = run_strategy(args.strategy, frames, model_config, dataclasses.replace(cfg, init_from=None),
                            args.out, high=args.high, low=args.low or args.high, steps=steps,
                            init_from=args.init_from)
         summary = res.to_dict()
         write_json_atomic(Path(args.out) / "strategy.json", summary)
         _print(summary)
         return 0
-    result = train(frames, preset(args.preset), cfg, args.out, resume=not args.restart)
+    result = train(frames, model_config, cfg, args.out, resume=not args.restart)
     _print({"best": result.best, "last": result.last, "steps": result.steps, "data_hash": result.data_hash,
             "final": result.history[-1] if result.history else None})
     return 0
