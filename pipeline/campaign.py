@@ -154,14 +154,14 @@ def structures_to_relax(
     """{"candidate": [(id, structure)...], "reference": [...]}: what :func:`pipeline.screening.screen` relaxes
     for these candidates (the reference phases within ``reference_window`` of the DFT hull of their system)."""
     from pipeline.hull import build_reference_hull
-    from pipeline.screening import model_hull_phases
+    from pipeline.screening import candidates_chemsys, model_hull_phases
 
     table, _ = read_candidates(candidates_path)
     rows = table.to_pylist()
     out = {"candidate": [(r["candidate_id"], row_structure(r)) for r in rows], "reference": []}
     if references_dir is not None:
-        chemsys = "-".join(sorted({el for r in rows for el in r["chemsys"].split("-")}))
-        hull = build_reference_hull(read_table(references_dir, ENTRIES_SCHEMA), thermo_type, chemsys=chemsys,
+        hull = build_reference_hull(read_table(references_dir, ENTRIES_SCHEMA), thermo_type,
+                                    chemsys=candidates_chemsys(rows),
                                     fidelity=fidelity)
         phases, _ = model_hull_phases(hull, reference_window, (fidelity,))
         out["reference"] = [(i, s) for i, s, _ in phases]

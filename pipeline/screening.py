@@ -211,6 +211,12 @@ def _status(rels: list[dict[str, Any]]) -> str:
     return "failed" if statuses == {"failed"} else "not_converged"
 
 
+def candidates_chemsys(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The chemical system spanned by candidate rows ('Al-Li'): the system of the reference hull they are
+    screened against."""
+    return "-".join(sorted({el for r in rows for el in r["chemsys"].split("-")}))
+
+
 def screen(
     candidates: pa.Table,
     references: pa.Table,
@@ -253,10 +259,8 @@ def screen(
             cand_rows.append(row)
     if not cand_rows:  # nothing to relax: the report holds every candidate with its reason
         return write_report(failed_rows, out_dir, title=f"E_hull screening at {fidelity}: no usable candidate")
-    systems = {r["chemsys"] for r in cand_rows}
     if chemsys is None:
-        elements = sorted({el for s in systems for el in s.split("-")})
-        chemsys = "-".join(elements)
+        chemsys = candidates_chemsys(cand_rows)
     hull = build_reference_hull(references, thermo_type, chemsys=chemsys, fidelity=fidelity)
     model_id = file_id(checkpoint)
     snapshot = table_fingerprint(references)
