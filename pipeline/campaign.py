@@ -190,7 +190,8 @@ def relax_batch(
     calc = MFPotentialCalculator.from_checkpoint(checkpoint, model_fidelity or fidelity, device=device)
     with summarised_warnings(log, f"relaxing {len(items)} {role} structures"):
         rows = relax_many(items, calc, RelaxSettings(fmax=fmax, steps=steps), model_id=file_id(checkpoint),
-                          fidelity=fidelity, role=role, out=relax_dir).to_pylist()
+                          fidelity=fidelity, model_fidelity=model_fidelity or fidelity, role=role,
+                          out=relax_dir).to_pylist()
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -211,3 +211,27 @@ def test_mixed_truth_places_raw_dft_energies_on_this_hull(li_o):
             rows.append(dict(row, correction=-5.7, energy_adjustments=None))  # a Li-O-scale shift, to be ignored
     got = _truth_e_hull(entries_table(rows), hull, {"li-hcp"})
     assert got["li-hcp"] == pytest.approx(-2.380718665 - -2.3867064133333336, abs=1e-6)
+
+
+def test_screen_reuses_relaxations_made_ahead_by_the_campaign_batches(world, tmp_path):
+    """The campaign relaxes candidates and reference phases ahead (Dask batches) under the head it maps with
+    model_fidelity; screen must find every one of them in the store instead of relaxing again."""
+    from pipeline.campaign import relax_batch
+    from pipeline.screening import model_hull_phases
+
+    references, candidates, truth, _ = world
+    refs = fit_element_references([[13], [29]], [-3.7, -3.5], ["pbe", "pbe"])
+    model = MFPotential(preset("small", elements=("Al", "Cu"), fidelities=("pbe",)), refs)
+    ckpt = save_checkpoint(model, tmp_path / "pbe-head.pt")
+    out, settings = tmp_path / "out", {"fmax": 0.05, "steps": 5}
+    cands = [(r["candidate_id"], Structure.from_dict(json.loads(r["structure"]))) for r in candidates.to_pylist()]
+    from pipeline.hull import build_reference_hull
+
+    hull = build_reference_hull(references, "raw", chemsys="Al-Cu", fidelity="emt")
+    phases = [(i, s) for i, s, _ in model_hull_phases(hull, None, ("emt",))[0]]
+    for role, items in (("candidate", cands), ("reference", phases)):
+        relax_batch(items, ckpt, "emt", out / "relaxations", role=role, model_fidelity="pbe", **settings)
+    before = sorted(p.name for p in (out / "relaxations").glob("*.parquet"))
+    screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", model_fidelity="pbe",
+           out_dir=out, truth=truth, relax=RelaxSettings(**settings))
+    assert sorted(p.name for p in (out / "relaxations").glob("*.parquet")) == before
