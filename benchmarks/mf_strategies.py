@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from flows import tasks as demo_tasks
+from flows.demo import DEMO_EPOCHS
 from pipeline.hashing import frames_hash, structure_hash
 from pipeline.io import read_table
 from pipeline.model import load_checkpoint, preset
@@ -84,10 +86,17 @@ def main() -> None:
     ap.add_argument("--no-floors", action="store_true")
     ap.add_argument("--out", default="reports/mf_strategies")
     ap.add_argument("--table-only", action="store_true", help="print the table of results.jsonl and exit")
+    ap.add_argument("--demo-seeds", default=None,
+                    help="instead of the grid: train the `make demo` model (flows.demo: preset small, "
+                         f"{DEMO_EPOCHS} epochs, best.pt on validation) with these seeds, e.g. 0,1,2, and print its "
+                         "held-out errors per fidelity, mean ± std (the README's demo numbers)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.demo_seeds:
+        demo_seeds(Path(args.data), out, [int(x) for x in args.demo_seeds.split(",")])
+        return
     frames = read_table(Path(args.data) / "frames", FRAMES_SCHEMA)
     test = read_table(Path(args.data) / "test_frames", FRAMES_SCHEMA)
     test = test.filter(pc.equal(test.column("fidelity"), args.high))
@@ -156,13 +165,47 @@ def main() -> None:
     print_table(list(done.values()), args)
 
 
+def demo_seeds(data: Path, out: Path, seeds: list[int]) -> None:
+    """The `make demo` training (flows.tasks.train with its defaults, ``DEMO_EPOCHS``) once per seed, its best.pt
+    evaluated on every held-out frame as the demo does (``demo_summary.json``'s ``held_out_test``); rows are
+    appended to ``<out>/demo_seeds.jsonl`` keyed by (seed, data hash) and re-runs skip what is done."""
+    from pipeline.train import evaluate_frames
+
+    frames_dir, test = data / "frames", read_table(data / "test_frames", FRAMES_SCHEMA)
+    data_hash = frames_hash(read_table(frames_dir, FRAMES_SCHEMA))
+    path = out / "demo_seeds.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r["data_hash"] == data_hash and r["epochs"] == DEMO_EPOCHS]
+    for seed in seeds:
+        if any(r["seed"] == seed for r in rows):
+            continue
+        t0 = time.perf_counter()
+        best = demo_tasks.train.fn(str(frames_dir), str(out / f"demo-model-s{seed}"), epochs=DEMO_EPOCHS, seed=seed)
+        row = {"seed": seed, "epochs": DEMO_EPOCHS, "data_hash": data_hash, "train_s": time.perf_counter() - t0,
+               **evaluate_frames(load_checkpoint(best), test)}
+        rows.append(row)
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    rows = [r for r in rows if r["seed"] in seeds]
+    keys = sorted({k for r in rows for k in r if "/" in k})
+    print(f"\n`make demo` model on {data}/test_frames, seeds {sorted(r['seed'] for r in rows)}: mean ± std")
+    print("| metric | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean ± std |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    for k in keys:
+        vals = [r.get(k) for r in rows]
+        print(f"| {k} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals) + f" | {_ms(vals)} |")
+    print(f"| train s | " + " | ".join(f"{r['train_s']:.0f}" for r in rows) + " | |")
+
+
 def _ms(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return "-"
+    fmt = ".1f" if max(abs(v) for v in values) >= 1 else ".3f"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:

@@ -48,3 +48,35 @@ def test_strategy_smoke(strategy, frames, tmp_path):
     assert all(p.exists() for p in res.checkpoints.values())
     if strategy == "finetune-mf0":
         assert res.terms[0][0].fidelities == ("pbe", "r2scan", "lo", "hi")
+    # the one checkpoint a user evaluates predicts what the harness scored (delta: low model + delta model)
+    from pipeline.model import load_checkpoint
+    from pipeline.train.evaluation import evaluate_frames
+
+    model = load_checkpoint(res.checkpoint, dtype=torch.float64)
+    assert evaluate_frames(model, test, fidelity="hi")["hi/energy_mae_meV_atom"] == pytest.approx(
+        err["energy_mae_meV_atom"], rel=1e-4)
+    if strategy == "delta":
+        assert model.fidelities == ("hi",) and [f for _, f in model.terms] == ["lo", "delta"]
+
+
+def test_sum_potential_is_the_sum_of_its_terms(frames, tmp_path):
+    from pipeline.graphs import frame_rows_to_graph
+    from pipeline.model import SumPotential, load_checkpoint, save_checkpoint
+
+    a = train(frames, preset("small"), TrainConfig(max_steps=1, val_fraction=0.0, seed=2), tmp_path / "a",
+              resume=False).model.double()
+    b = train(frames, preset("small"), TrainConfig(max_steps=1, val_fraction=0.0, seed=3), tmp_path / "b",
+              resume=False).model.double()
+    s = SumPotential([(a, "lo"), (b, "hi")], "both")
+    rows = frames.to_pylist()[:3]
+    g = frame_rows_to_graph([dict(r, fidelity="both") for r in rows], s.cutoff, s.fidelities, torch.float64)
+    out = s(g, create_graph=False)
+    ref = [m.predict(g, f, create_graph=False) for m, f in ((a, "lo"), (b, "hi"))]
+    for k in ("energy", "forces", "stress"):
+        torch.testing.assert_close(out[k], ref[0][k] + ref[1][k])
+    back = load_checkpoint(save_checkpoint(s, tmp_path / "sum.pt"))
+    torch.testing.assert_close(back(g, create_graph=False)["energy"], out["energy"])
+    with pytest.raises(KeyError, match="this model knows: both"):
+        back.fidelity_index("lo")
+    with pytest.raises(KeyError):
+        SumPotential([(a, "nope")], "x")

@@ -2,6 +2,7 @@
 per-fidelity element references, checkpoints and the SevenNet checkpoint importer."""
 
 from pipeline.model.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.model.composite import SumPotential
 from pipeline.model.config import PRESETS, ModelConfig, preset
 from pipeline.model.potential import MFPotential, UnknownElementError
 from pipeline.model.references import ElementReferences, fit_element_references, references_from_frames
@@ -12,6 +13,7 @@ __all__ = [
     "ElementReferences",
     "MFPotential",
     "ModelConfig",
+    "SumPotential",
     "UnknownElementError",
     "fit_element_references",
     "import_sevenn",

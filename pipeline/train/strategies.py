@@ -19,7 +19,9 @@ stages of the two-stage strategies) on the same frames and split.
 =============  =====================================================================================================
 
 Every strategy returns a :class:`StrategyResult` whose ``terms`` are (model, fidelity) pairs summed at
-prediction time (one term except ``delta``).
+prediction time (one term except ``delta``) and whose ``checkpoint`` is the one file a user evaluates, relaxes and
+screens with: the last stage's ``last.pt``, or for ``delta`` a :class:`~pipeline.model.composite.SumPotential`
+checkpoint (``delta/sum.pt``: low model + delta model, exposed as the high fidelity).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 from pipeline.hashing import structure_hash
 from pipeline.model.checkpoint import save_checkpoint
+from pipeline.model.composite import SumPotential
 from pipeline.model.config import ModelConfig
 from pipeline.model.potential import MFPotential
 from pipeline.train.data import apply_label_policy
@@ -61,10 +64,12 @@ class StrategyResult:
     steps: int
     wall_s: float
     checkpoints: dict[str, Path] = field(default_factory=dict)
+    checkpoint: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "steps": self.steps, "wall_s": self.wall_s,
-                "terms": [f for _, f in self.terms], "checkpoints": {k: str(v) for k, v in self.checkpoints.items()}}
+                "terms": [f for _, f in self.terms], "checkpoints": {k: str(v) for k, v in self.checkpoints.items()},
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
 
 
 def _only(frames: pa.Table, fidelity: str) -> pa.Table:
@@ -198,6 +203,8 @@ def run_strategy(
         dm = run("delta", delta_frames(frames, high, low), dataclasses.replace(
             base, max_steps=second, target_fidelity="delta"))
         terms, n = [(lo.model, low), (dm.model, "delta")], lo.steps + dm.steps
+        ckpts["sum"] = save_checkpoint(SumPotential(terms, high), out / "delta" / "sum.pt",
+                                       extra={"strategy": "delta", "steps": n})
     elif strategy == "meta":
         path, done = _reptile(frames, model_config, cfg, first, out / "meta", inner_steps, epsilon)
         ckpts["meta"] = path
@@ -213,7 +220,8 @@ def run_strategy(
         res = run("finetune-mf0", frames, dataclasses.replace(base, init_from=init_from, new_fidelities={
             k: v for k, v in sources.items() if k in have and k != v}))
         terms, n = [(res.model, high)], res.steps
-    return StrategyResult(strategy, terms, n, time.perf_counter() - t0, ckpts)
+    final = ckpts["sum"] if strategy == "delta" else res.last
+    return StrategyResult(strategy, terms, n, time.perf_counter() - t0, ckpts, final)
 
 
 def errors(preds: Sequence[dict[str, Any]], frames: pa.Table) -> dict[str, float]:
