@@ -129,7 +129,7 @@ def train_config_from_args(args: argparse.Namespace):
         loss=args.loss, huber_delta=args.huber_delta, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
         scheduler=args.scheduler, patience=args.patience, target_fidelity=args.target_fidelity,
         fidelity_weights=_parse_pairs(args.fidelity_weight, "--fidelity-weight", float) or None,
-        init_from=args.init_from, new_fidelities=_parse_pairs(args.new_fidelity, "--new-fidelity") or None,
+        fidelity_prior=args.fidelity_prior, init_from=args.init_from, new_fidelities=_parse_pairs(args.new_fidelity, "--new-fidelity") or None,
         freeze=args.freeze, weights=LossWeights(args.energy_weight, args.force_weight, args.stress_weight),
     )
 
@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-weight", type=float_range(0), default=1.0, help="force loss weight (default: 1)")
     p.add_argument("--stress-weight", type=float_range(0), default=0.01, help="stress loss weight (default: 0.01)")
     p.add_argument("--fidelity-weight", action="append", help="FIDELITY=W: loss weight of that fidelity's labels")
+    p.add_argument("--fidelity-prior", type=float_range(0), default=0.0,
+                   help="weight of a prior keeping the fidelities' conditioned weights close, so a scarce fidelity "
+                        "moves from the plentiful one only as far as its labels support (0: off; e.g. 0.1)")
     p.add_argument("--ema-decay", type=float_range(0, 1, high_open=True), default=0.0,
                    help="EMA decay of the weights, in [0, 1) (0: off; e.g. 0.99)")
     p.add_argument("--warmup-steps", type=int_range(0), default=0,
@@ -445,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-fidelity", action="append", help="NEW=SOURCE: add fidelity NEW, started from SOURCE")
     p.add_argument("--freeze", default="none", choices=["none", "fidelity"],
                    help="fidelity: train only the fidelity-conditioned linears and the readout")
-    p.add_argument("--strategy", default=None, choices=["mf", "single", "transfer", "delta", "multihead", "meta",
-                                                        "finetune-mf0"],
+    p.add_argument("--strategy", default=None, choices=["mf", "mf-prior", "single", "transfer", "delta", "multihead",
+                                                        "meta", "finetune-mf0"],
                    help="multi-fidelity strategy (matched steps over all stages; see pipeline.train.strategies)")
     p.add_argument("--high", default=None, help="--strategy: the high (target) fidelity, e.g. gpaw-r2scan")
     p.add_argument("--low", default=None, help="--strategy: the low fidelity, e.g. gpaw-pbe")

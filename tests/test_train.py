@@ -275,3 +275,19 @@ def test_new_fidelity_starts_as_source_plus_fitted_shift(frames, tmp_path):
     before = evaluate_frames(load_checkpoint(ckpt), hi_frames)["hi/energy_rmse_meV_atom"]
     after = evaluate_frames(res.model, hi_frames, fidelity="new-hi")["new-hi/energy_rmse_meV_atom"]
     assert after <= before + 1e-3, (after, before)
+
+
+def test_fidelity_prior_keeps_the_fidelities_rows_together(frames, tmp_path):
+    """The penalty is zero on a fresh (tied) model, grows as the rows part, and with its weight on the rows
+    part far less in the same steps than without it."""
+    from pipeline.train.finetune import fidelity_gap_penalty
+
+    fresh = train(frames, preset("small"), _cfg(max_steps=1, lr=0.0), tmp_path / "fresh", resume=False).model
+    assert float(fidelity_gap_penalty(fresh).detach()) == pytest.approx(0.0, abs=1e-12)
+    free = train(frames, preset("small"), _cfg(max_steps=30), tmp_path / "free", resume=False).model
+    held = train(frames, preset("small"), _cfg(max_steps=30, fidelity_prior=10.0), tmp_path / "held",
+                 resume=False).model
+    p_free, p_held = (float(fidelity_gap_penalty(m).detach()) for m in (free, held))
+    assert p_free > 1e-6 and p_held < 0.1 * p_free, (p_free, p_held)
+    with pytest.raises(ValueError, match="fidelity_prior"):
+        _cfg(fidelity_prior=-1.0)

@@ -181,6 +181,27 @@ def tie_fidelity_rows(model: MFPotential, source: int = 0) -> None:
             _copy_fidelity_rows(mod, rows)
 
 
+def fidelity_gap_penalty(model: MFPotential) -> torch.Tensor:
+    """Sum over every fidelity-conditioned linear of ``||row_k - mean_k row_k||^2``: how far the fidelities' one-hot
+    rows have moved apart.
+
+    Added to the loss times ``TrainConfig.fidelity_prior``, it is a Gaussian prior saying that the fidelities are
+    one function up to their references plus a *small* structure-dependent difference (the weight-space twin of
+    the ridge prior of :mod:`pipeline.model.references`): a fidelity with a handful of labels moves its rows only
+    as far as its data pay for, while the plentiful fidelity, anchored by its data, barely moves. Zero for a
+    model with one fidelity. Written here because no library has a notion of fidelity rows in e3nn linears."""
+    total = None
+    for mod in model.modules():
+        if isinstance(mod, FidelityLinear) and mod.num_fidelities > 1:
+            fid_in = len(mod.irreps_in)  # the one-hot is the last input irrep
+            for _, ins, view in mod.linear.weight_views(yield_instruction=True):
+                if ins.i_in == fid_in:
+                    rows = view.reshape(view.shape[0], -1)
+                    term = (rows - rows.mean(dim=0, keepdim=True)).pow(2).sum()
+                    total = term if total is None else total + term
+    return total if total is not None else model.shift.new_zeros(())
+
+
 def freeze(model: MFPotential, mode: str) -> list[str]:
     """Switch off gradients per ``mode`` (see :data:`FREEZE_MODES`); returns the names still trained."""
     if mode not in FREEZE_MODES:

@@ -43,6 +43,7 @@ from pipeline.train.finetune import (
     FREEZE_MODES,
     expand_model,
     freeze,
+    fidelity_gap_penalty,
     parse_new_fidelities,
     source_offsets,
     tie_fidelity_rows,
@@ -65,7 +66,10 @@ class TrainConfig:
     fine-tune; ``new_fidelities``: {new: source} fidelities added to it; ``freeze``: see
     :data:`pipeline.train.finetune.FREEZE_MODES`. ``tie_fidelities``: a fresh model starts with every fidelity's
     conditioned weights equal to the first fidelity's (all fidelities start as one function, up to their
-    references and scales), so that a scarce fidelity learns a difference instead of a random head."""
+    references and scales), so that a scarce fidelity learns a difference instead of a random head.
+    ``fidelity_prior``: weight of :func:`pipeline.train.finetune.fidelity_gap_penalty` in the loss (0: off), a
+    prior that the fidelities' conditioned weights stay close, so a scarce fidelity departs from the plentiful one
+    only as far as its labels support."""
 
     epochs: int = 100
     max_steps: int | None = None
@@ -95,6 +99,7 @@ class TrainConfig:
     new_fidelities: dict[str, str] | None = None
     freeze: str = "none"
     tie_fidelities: bool = True
+    fidelity_prior: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -103,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.freeze not in FREEZE_MODES:
             raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {self.freeze!r}")
+        if not (self.fidelity_prior >= 0 and math.isfinite(self.fidelity_prior)):
+            raise ValueError(f"fidelity_prior must be a finite number >= 0, got {self.fidelity_prior}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -285,6 +292,8 @@ def train(
                 out = model(graph, compute_forces=True, compute_stress=cfg.use_stress, create_graph=True)
                 terms = loss_terms(out, labels, kind=cfg.loss, delta=cfg.huber_delta, fidelity_weights=fid_w)
                 loss = total_loss(terms, cfg.weights)
+                if cfg.fidelity_prior:
+                    loss = loss + cfg.fidelity_prior * fidelity_gap_penalty(model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
