@@ -165,7 +165,7 @@ def test_joint_fit_three_r2scan_structures(paired):
     assert refs.scales["r2scan"] == refs.scales["pbe"] == pytest.approx(1.5, rel=0.05)
 
 
-def test_rank_deficient_high_fidelity_gets_mean_offset():
+def test_rank_deficient_high_fidelity_gets_mean_offset(caplog):
     """One r2SCAN composition (LiAl only): alone, the split between Li and Al is arbitrary (rank deficient);
     jointly, both get the PBE reference + the one measurable mean offset, and an element r2SCAN never saw
     (Cu) gets it too."""
@@ -180,9 +180,13 @@ def test_rank_deficient_high_fidelity_gets_mean_offset():
     numbers += [[3, 13], [3, 3, 13, 13]]
     energies += [pbe["Li"] + pbe["Al"] - 2 * 1.2, 2 * (pbe["Li"] + pbe["Al"]) - 4 * 1.2]
     fids += ["r2scan", "r2scan"]
-    refs = fit_element_references(numbers, energies, fids)
+    with caplog.at_level("WARNING", logger="pipeline.model.references"):
+        refs = fit_element_references(numbers, energies, fids)
     for el in ("Li", "Al", "Cu"):
         assert refs.energies["r2scan"][el] == pytest.approx(pbe[el] - 1.2, abs=1e-6), el
+    # the guess for Cu is said, once, naming the fidelity and the element; Li and Al were seen
+    warned = [r.getMessage() for r in caplog.records if "no energy label" in r.getMessage()]
+    assert len(warned) == 1 and "fidelity r2scan" in warned[0] and "containing Cu;" in warned[0], warned
     with pytest.raises(ValueError, match="base fidelity"):
         fit_element_references(numbers, energies, fids, base="scan")
 

@@ -18,6 +18,7 @@ state energies of their own DFT set.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ import pyarrow as pa
 from ase.data import atomic_numbers, chemical_symbols
 
 from pipeline.hashing import structure_hash
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ElementReferences", "fit_element_references", "references_from_frames"]
 
@@ -224,6 +227,13 @@ def fit_element_references(
         c = col_d[f]
         ref_f = b + coef[c] + coef[c + 1:c + 1 + ne]
         refs.energies[f] = {chemical_symbols[z]: float(v) for z, v in zip(present, ref_f)}
+        seen = np.sum([x_all[k] for k in np.flatnonzero(labelled & (fids == f))], axis=0)[present] > 0
+        unseen = [chemical_symbols[z] for z, s in zip(present, seen) if not s]
+        if unseen:
+            els = ", ".join(unseen)
+            log.warning("fidelity %s: no energy label on any structure containing %s; the %s reference is the %s one "
+                        "plus the mean offset, a guess off by as much as the elements' offsets differ: label a "
+                        "structure containing %s at %s", f, els, els, base, els, f)
 
     # scales: the fidelity with the most force labels sets the shared scale (the energy base's residual RMS
     # when no fidelity has forces)
