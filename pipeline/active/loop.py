@@ -10,13 +10,16 @@ redoes at most the interrupted one (training itself resumes from its ``last.pt``
                 ``init_from`` checkpoints (or from scratch, ``base_steps``), round r fine-tunes round r-1's
                 members on all labels so far (``steps``) -> ``models/m<k>/last.pt``;
 3. ``screen`` : every member predicts every candidate; per member a hull of (DFT labels where known, its own
-                predictions elsewhere) gives E_hull; mean/std over members, fidelity-gap novelty, calibration
-                on the held-out errors of earlier picks -> ``report.parquet``, ``summary.json``, ``coverage.png``;
+                predictions elsewhere) places every candidate against all the others (a vertex of the hull gets
+                its negative distance below the others); mean/std over members, fidelity-gap novelty,
+                calibration on the held-out errors of earlier picks -> ``report.parquet``, ``summary.json``,
+                ``coverage.png``;
 4. ``pick``   : ``budget`` candidates by acquisition strategy (``picks.json``); the last round has no pick.
 
 The screen step predicts at the pool's structures (single points, no relaxation). Predicted energy of a
 candidate: ``direct`` = the high-fidelity head; ``gap`` = the candidate's low-fidelity DFT energy + the
-models' (high - low) prediction.
+models' (high - low) prediction. With ``shift`` (default) each member's predictions get a per-element shift
+fitted on the labels so far (the error part linear in composition).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class LoopConfig:
     interval: float = 0.9
     initial: tuple[str, ...] = ()
     knn: int = 5
+    shift: bool = True
     init_from: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -177,12 +181,15 @@ def _predict_members(paths: Sequence[Path], candidates: Sequence[Candidate], fid
     rows = []
     for c in candidates:
         try:
-            rows.append(structure_frame(c.structure, frame_id=c.candidate_id, fidelity=fidelities[0], energy=None,
+            # energy 0: a placeholder the frame schema needs; predictions never read it
+            rows.append(structure_frame(c.structure, frame_id=c.candidate_id, fidelity=fidelities[0], energy=0.0,
                                         source="candidate"))
         except Exception as exc:  # noqa: BLE001 - one bad candidate never stops the screen
             rows.append(None)
             errors[c.candidate_id] = f"unusable structure: {exc}"
     good = [k for k, r in enumerate(rows) if r is not None]
+    if not good:
+        return out, errors
     table = frames_table([rows[k] for k in good])
     nat = np.array([candidates[k].nsites for k in good], dtype=float)
     for m, path in enumerate(paths):
@@ -198,6 +205,26 @@ def _predict_members(paths: Sequence[Path], candidates: Sequence[Candidate], fid
                     except Exception as exc:  # noqa: BLE001
                         errors[candidates[k].candidate_id] = f"prediction failed: {type(exc).__name__}: {exc}"
     return out, errors
+
+
+def _shifted(est_m: np.ndarray, cands: Sequence[Candidate], labelled: Sequence[int],
+             e_lab: np.ndarray) -> np.ndarray:
+    """Each member's predictions + a per-element shift fitted on the labelled candidates (label - prediction;
+    :func:`pipeline.train.finetune.fit_shift`): the composition-linear part of a member's error, which a few
+    fine-tuning steps leave large on scarce high-fidelity data, is taken out before the hull is built."""
+    from pipeline.train.finetune import apply_shift, fit_shift
+
+    nums = [[s.specie.Z for s in c.structure] for c in cands]
+    nat = np.array([c.nsites for c in cands], dtype=float)
+    out = est_m.copy()
+    for m in range(est_m.shape[0]):
+        ok = [k for k in labelled if np.isfinite(est_m[m, k])]
+        if not ok:
+            continue
+        shift = fit_shift([nums[k] for k in ok], (est_m[m, ok] * nat[ok]).tolist(), (e_lab[
+            [labelled.index(k) for k in ok]] * nat[ok]).tolist())
+        out[m] = est_m[m] + np.array([apply_shift(shift, z) for z in nums]) / nat
+    return out
 
 
 def _select_initial(pool: Pool, cfg: LoopConfig) -> list[str]:
@@ -315,16 +342,18 @@ class Loop:
         paths = [_member_checkpoint(self.out, r, k) for k in range(cfg.ensemble)]
         pred, pred_err = _predict_members(paths, cands, [pool.low, pool.high])
         hi, lo = pred[pool.high], pred[pool.low]
-        gap_m = hi - lo
-        if cfg.predictor == "gap":
-            low_dft = np.array([c.low_energy / c.nsites if c.low_energy is not None else np.nan for c in cands])
-            est_m = low_dft[None, :] + gap_m
-        else:
-            est_m = hi
+        low_dft = np.array([c.low_energy / c.nsites if c.low_energy is not None else np.nan for c in cands])
+        est_m = low_dft[None, :] + (hi - lo) if cfg.predictor == "gap" else hi.copy()
+        labelled_ids = [k for k, i in enumerate(ids) if i in lab_e]
+        if cfg.shift and labelled_ids:
+            est_m = _shifted(est_m, cands, labelled_ids, np.array([lab_e[ids[k]] for k in labelled_ids]))
+        # the fidelity gap each member implies (against the low-fidelity DFT energy where the pool has one)
+        gap_m = est_m - np.where(np.isfinite(low_dft)[None, :], low_dft[None, :], lo)
         labelled = np.array([i in lab_e for i in ids])
         e_lab = np.array([lab_e.get(i, np.nan) for i in ids])
         comps = [c.composition for c in cands]
-        # each member's hull: DFT where labelled, its own prediction elsewhere
+        # each member's hull: DFT where labelled, its own prediction elsewhere; every candidate is placed against
+        # the hull of all the others (with exact energies this is the true E_hull of the whole pool)
         member_e = np.where(labelled[None, :], e_lab[None, :], est_m)
         eh_m = np.stack([hull_distances(comps, member_e[m]) for m in range(cfg.ensemble)])
         mu, sig_ens = ensemble_stats(eh_m)

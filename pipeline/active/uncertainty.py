@@ -4,7 +4,7 @@ coverage.
 * **Ensemble**: M models (different seeds and training splits) predict every candidate; each member's energies
   give its own hull and E_hull, so the spread of E_hull includes the hull's own uncertainty.
 * **Fidelity gap**: the models' high - low prediction (r2SCAN - PBE, eV/atom) of a candidate is compared with the
-  gaps DFT gave for the k materials nearest in composition that are labelled at both fidelities: a gap far from
+  gaps DFT gave for the nearest labelled composition (materials labelled at both fidelities): a gap far from
   theirs (``gap_dev``, eV/atom) flags a candidate unlike the training data even when the members agree.
 * **Calibration** (:class:`Calibration`): sigma^2 = (s_ens * sigma_ens)^2 + (s_gap * gap_dev)^2, the two scale
   factors fitted by Gaussian maximum likelihood on held-out errors (predictions made before the label was
@@ -16,6 +16,7 @@ coverage.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,7 +77,8 @@ def ensemble_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v = np.asarray(values, dtype=float)
     if v.ndim != 2 or v.shape[0] < 1:
         raise ValueError(f"expected an (members, candidates) array, got shape {v.shape}")
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (failed candidates) stay NaN
         mean = np.nanmean(v, axis=0) if v.shape[0] > 1 else v[0].copy()
         std = np.nanstd(v, axis=0, ddof=1) if v.shape[0] > 1 else np.zeros(v.shape[1])
     return mean, std
@@ -88,23 +90,27 @@ def composition_features(compositions: Sequence[Composition], elements: Sequence
 
 
 def gap_novelty(pred_gap: np.ndarray, features: np.ndarray, train_features: np.ndarray, train_gap: np.ndarray,
-                k: int = 5, floor: float = 0.005) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of each predicted gap from the DFT gaps of its k nearest (composition) labelled materials.
+                k: int = 5, floor: float = 0.005, radius: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of each predicted gap from the DFT gaps of its nearest labelled materials in composition.
 
-    Returns ``(gap_dev, gap_z)``: ``gap_dev`` = |gap - mean of the neighbours' gaps| (eV/atom), ``gap_z`` =
+    Neighbours: the labelled materials within ``radius`` (fractional-composition distance) of the nearest one, at
+    most ``k`` (e.g. the polymorphs of the nearest labelled composition), so that gaps of other chemistries do
+    not enter. Returns ``(gap_dev, gap_z)``: ``gap_dev`` = |gap - their mean gap| (eV/atom), ``gap_z`` =
     gap_dev / (their standard deviation, at least ``floor``). Without labelled pairs both are NaN.
     """
     g = np.asarray(pred_gap, dtype=float)
     tg = np.asarray(train_gap, dtype=float)
     if len(tg) == 0:
         return np.full(len(g), np.nan), np.full(len(g), np.nan)
-    k = max(1, min(k, len(tg)))
     d = np.linalg.norm(features[:, None, :] - train_features[None, :, :], axis=-1)
-    nn = np.argsort(d, axis=1, kind="stable")[:, :k]
-    mean = tg[nn].mean(axis=1)
-    std = tg[nn].std(axis=1) if k > 1 else np.zeros(len(g))
-    dev = np.abs(g - mean)
-    return dev, dev / np.maximum(std, floor)
+    dev, z = np.empty(len(g)), np.empty(len(g))
+    for i in range(len(g)):
+        order = np.argsort(d[i], kind="stable")
+        near = [j for j in order[:max(1, k)] if d[i, j] <= d[i, order[0]] + radius]
+        mean, std = tg[near].mean(), (tg[near].std() if len(near) > 1 else 0.0)
+        dev[i] = abs(g[i] - mean)
+        z[i] = dev[i] / max(std, floor)
+    return dev, z
 
 
 @dataclass
