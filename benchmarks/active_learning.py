@@ -155,8 +155,8 @@ def collect(out: Path) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| round | r2SCAN calcs | F1 uncertainty | F1 random | E_hull MAE uncertainty (meV/atom) | "
-             "E_hull MAE random (meV/atom) | 90 % coverage, unlabelled (unc. / rand.) |", "|---|---|---|---|---|---|---|"]
+    lines = [("| round | r2SCAN calcs | F1 uncertainty | F1 random | E_hull MAE uncertainty (meV/atom) | "
+             "E_hull MAE random (meV/atom) | 90 % coverage, unlabelled (unc. / rand.) |"), "|---|---|---|---|---|---|---|"]
     u, r = res["strategies"]["uncertainty"], res["strategies"]["random"]
     for a, b in zip(u, r):
         cov = " / ".join("-" if x["coverage90_unlabelled"] is None else f"{x['coverage90_unlabelled']:.2f}"

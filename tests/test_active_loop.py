@@ -50,7 +50,7 @@ def _pool() -> Pool:
     return Pool(cands, frames_table(rows), low="lo", high="hi", source="emt-test")
 
 
-CFG = dict(rounds=2, budget=2, ensemble=2, steps=2, base_steps=4, batch_size=4, val_fraction=0.25)
+CFG = {"rounds": 2, "budget": 2, "ensemble": 2, "steps": 2, "base_steps": 4, "batch_size": 4, "val_fraction": 0.25}
 
 
 def _run(pool, oracle, cfg, out, stop_after=None):

@@ -458,7 +458,7 @@ class Loop:
                     continue
                 if not state.is_done(r, step):
                     round_dir(self.out, r).mkdir(parents=True, exist_ok=True)
-                    info = self.step_runner(f"{step}-{r}", lambda s=step: getattr(self, f"step_{s}")(r))
+                    info = self.step_runner(f"{step}-{r}", lambda s=step, q=r: getattr(self, f"step_{s}")(q))
                     state.mark(r, step, info)
                     log.info("round %d %s: %s", r, step, info)
                 if stop_after == (r, step):

@@ -146,11 +146,11 @@ def fit_calibration(errors: Sequence[float], sigma_ens: Sequence[float], gap_dev
     ok = np.isfinite(err) & np.isfinite(se)
     err, se, gd = err[ok], np.maximum(se[ok], floor), gd[ok]
     if len(err) < min_points:
-        return Calibration(n=int(len(err)))
+        return Calibration(n=len(err))
     if gap_dev is None or not np.any(gd > 0):
         s = float(np.sqrt(np.mean((err / se) ** 2)))
         nll = float(np.mean(0.5 * np.log(2 * np.pi * (s * se) ** 2) + 0.5 * (err / (s * se)) ** 2))
-        return Calibration(s_ens=s, s_gap=0.0, n=int(len(err)), nll=nll, fitted=True)
+        return Calibration(s_ens=s, s_gap=0.0, n=len(err), nll=nll, fitted=True)
 
     def nll(theta: np.ndarray) -> float:
         a, b = np.exp(theta)
@@ -164,7 +164,7 @@ def fit_calibration(errors: Sequence[float], sigma_ens: Sequence[float], gap_dev
         if best is None or res.fun < best.fun:
             best = res
     a, b = np.exp(best.x)
-    return Calibration(s_ens=float(a), s_gap=float(b), n=int(len(err)), nll=float(best.fun), fitted=True)
+    return Calibration(s_ens=float(a), s_gap=float(b), n=len(err), nll=float(best.fun), fitted=True)
 
 
 def interval_halfwidth(sigma: np.ndarray, level: float) -> np.ndarray:
