@@ -211,8 +211,9 @@ def plot(res: dict, out: Path) -> None:
     plt.close(fig)
     curves = {}
     for st, rows in res["strategies"].items():
-        curves[f"{st}, round 0 (uncalibrated)"] = rows[0]["coverage_curve"]
-        curves[f"{st}, round {rows[-1]['round']}"] = rows[-1]["coverage_curve"]
+        if not curves:  # round 0 is the same for both strategies (same seeds, members and initial labels)
+            curves["round 0, both strategies (no calibration data yet)"] = rows[0]["coverage_curve"]
+        curves[f"{st}, round {rows[-1]['round']} (calibrated)"] = rows[-1]["coverage_curve"]
     plot_coverage(curves, out / "coverage.png", title="E_hull of unlabelled candidates: observed vs nominal")
 
 
