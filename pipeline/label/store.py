@@ -23,7 +23,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 from ase import Atoms
 from ase.calculators.calculator import Calculator
@@ -177,5 +176,3 @@ def provenance(row: Mapping[str, Any]) -> dict[str, Any]:
     """The provenance JSON of a stored frame row."""
     return json.loads(row["meta"]) if row.get("meta") else {}
 
-
-_ = np  # numpy is part of the public types of the rows (positions, forces)
