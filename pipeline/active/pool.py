@@ -15,7 +15,6 @@ r2SCAN materials all have a GGA/GGA+U calculation too.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +218,3 @@ def load_res_pool(path: str | Path, low: str = "pbe", high: str = "r2scan",
                       "note": "candidates at GGA(+U)-relaxed structures; r2SCAN labels at r2SCAN-relaxed ones"})
     return pool, LookupOracle(labels, high, source=str(path))
 
-
-def pool_summary_json(pool: Pool) -> str:
-    return json.dumps(pool.describe(), sort_keys=True, default=str)
