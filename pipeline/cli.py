@@ -9,6 +9,7 @@
     mfhull import-sevenn --out FILE          pretrained SevenNet-MF-0 (PBE + r2SCAN) as an mfhull checkpoint
     mfhull demo                              the offline demo (Prefect flow on the embedded API)
     mfhull campaign --chemsys Li-Ni-O ...    ingest -> candidates -> model -> screen -> report (Prefect flow)
+    mfhull loop --pool P --rounds K --budget N   active learning: screen -> pick -> label -> fine-tune
 """
 
 from __future__ import annotations
@@ -513,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training epochs (>= 1; default: the demo's setting)")
     p.set_defaults(func=cmd_demo)
     add_campaign_parser(sub)
+    from pipeline.active.cli import add_loop_parser
+
+    add_loop_parser(sub)
     return parser
 
 
