@@ -41,7 +41,7 @@ from flows import tasks as demo_tasks
 from flows.demo import DEMO_EPOCHS
 from pipeline.hashing import frames_hash, structure_hash
 from pipeline.io import read_table
-from pipeline.model import load_checkpoint, preset
+from pipeline.model import UnknownElementError, load_checkpoint, preset
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import TrainConfig, train
 from pipeline.train.finetune import apply_shift, fit_shift
@@ -139,7 +139,10 @@ def main() -> None:
             t0 = time.perf_counter()
             res = run_strategy(strategy, sub, preset(args.preset), cfg, run_dir / strategy, high=args.high,
                                low=args.low, steps=steps, init_from=args.mf0)
-            err = errors(predict(res.terms, test), test)
+            try:
+                err = errors(predict(res.terms, test), test)
+            except UnknownElementError as exc:  # e.g. `single` trained on kept r2SCAN structures of one element
+                err = {"energy_mae_meV_atom": math.nan, "forces_mae_meV_A": math.nan, "error": str(exc)}
             record({**base, "strategy": strategy, "steps": res.steps, **err,
                     "train_s": res.wall_s, "total_s": time.perf_counter() - t0})
         if args.no_floors:
@@ -226,7 +229,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                 continue
             cells.append(f"{_ms([r['energy_mae_meV_atom'] for r in mine])} \\| "
                          f"{_ms([r['forces_mae_meV_A'] for r in mine])} \\| "
-                         f"{statistics.mean(r['train_s'] for r in mine):.0f} s (n={len(mine)})")
+                         f"{statistics.mean(r['train_s'] for r in mine):.0f} s (n={len(mine)}"
+                         + (f", {failed} failed" if (failed := sum("error" in r for r in mine)) else "") + ")")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
