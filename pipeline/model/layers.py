@@ -247,6 +247,8 @@ class Convolution(nn.Module):
                   neighbor: torch.Tensor, num_nodes: int) -> torch.Tensor:
         weight = self.radial_mlp(edge_radial)
         message = self.tp.grouped(x[neighbor], edge_sh, weight)
+        # the neighbour sum in the edge geometry's dtype (float32/64), also when autocast made messages bf16
+        message = message.to(edge_sh.dtype)
         out = torch.zeros(num_nodes, message.shape[1], dtype=message.dtype, device=message.device)
         return out.index_add_(0, center, message)
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistContext", "all_reduce_mean", "barrier", "distributed", "init_from_env", "is_rank0", "on_rank0",
+__all__ = ["DistContext", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed", "init_from_env", "is_rank0", "on_rank0",
            "shutdown", "unwrap", "wrap_model"]
 
 T = TypeVar("T")
@@ -161,3 +161,15 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
         t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / dist.get_world_size()).to(home)
+
+
+def all_reduce_sum(value: torch.Tensor | float) -> torch.Tensor:
+    """Sum of a scalar or tensor over ranks (counts, metric sums); a copy, on the input's device."""
+    t = torch.as_tensor(value).detach().clone()
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    home = t.device
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(home)
