@@ -96,6 +96,7 @@ class FidelityLinear(nn.Module):
         self.linear = o3.Linear(full_in, self.irreps_out, biases=False)
 
     def forward(self, x: torch.Tensor, fidelity_onehot: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(self.linear.weight.dtype)  # under bf16 autocast the input may be bf16; o3.Linear needs its own dtype
         if self.num_fidelities:
             x = torch.cat([x, fidelity_onehot.to(x.dtype)], dim=1)
         return self.linear(x)

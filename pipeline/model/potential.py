@@ -39,8 +39,10 @@ class MFPotential(nn.Module):
     """SevenNet-MF style multi-fidelity potential (see :mod:`pipeline.model.config` for the layout).
 
     ``autocast_dtype``: None (default) runs everything in the parameters' dtype; ``torch.bfloat16`` runs the
-    network's linears and tensor products under :func:`torch.autocast` (mixed precision training on CUDA; also
-    works on CPU) while the energy sum, forces and stress stay in the parameters' dtype. Not saved in checkpoints.
+    network under :func:`torch.autocast` (mixed precision training on CUDA; also works on CPU): the ops autocast
+    lowers (matmul/bmm, so the per-edge tensor product and the radial MLP) run in bf16, e3nn's node-wise
+    ``o3.Linear`` (tensordot) stays float32, and the neighbour sums, per-atom energies, energy sum, forces and
+    stress stay in the parameters' dtype. Not saved in checkpoints.
     """
 
     autocast_dtype: torch.dtype | None = None
@@ -173,14 +175,17 @@ class MFPotential(nn.Module):
         fid_atom = graph.fidelity[graph.batch]
         fid_onehot = torch.nn.functional.one_hot(fid_atom, num_fid).to(dtype)
 
-        # mixed precision (``autocast_dtype``, e.g. bf16): only the network's linears, tensor products and radial
-        # MLPs run under autocast; edge geometry, the neighbour sums (pipeline.model.layers.Convolution), the
+        # mixed precision (``autocast_dtype``, e.g. bf16): only the network's tensor products, radial MLPs and
+        # gates run under autocast; edge geometry, the neighbour sums (pipeline.model.layers.Convolution), the
         # per-atom energies, their scale/shift and sum, and so forces and stress, stay in the model's dtype
         with torch.autocast(positions.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            x = self.embedding(species_onehot, fid_onehot)
+            x = self.embedding(species_onehot, fid_onehot).to(dtype)
             for block in self.blocks:
-                x = block(x, species_onehot, fid_onehot, edge_sh, edge_radial, center, neighbor)
+                # back to the model's dtype between blocks: e3nn's o3.Linear (tensordot) is not autocast and
+                # needs inputs of its weights' dtype; matmul/bmm/einsum ops (the per-edge tensor product and the
+                # radial MLP, most of the work) and the gates run in bf16
+                x = block(x, species_onehot, fid_onehot, edge_sh, edge_radial, center, neighbor).to(dtype)
             e = self.readout_out(self.readout_hidden(x, fid_onehot), None).squeeze(-1)
         e = e.to(dtype)
         return e * self.scale[fid_atom, species] + self.shift[fid_atom, species]
