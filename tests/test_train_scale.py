@@ -180,3 +180,40 @@ def test_bf16_training_runs_and_bad_precision_is_refused(small_frames, tmp_path)
     with pytest.raises(ValueError, match="pass its path"):
         train(table, preset("small"), TrainConfig(stream=True), tmp_path / "x")
     assert isinstance(table, pa.Table)
+
+
+def test_cli_stream_options_and_devices_command(small_frames, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.train.launch import torchrun_command
+
+    data, _ = small_frames
+    out = tmp_path / "cli"
+    code = main(["train", "--frames", str(data), "--out", str(out), "--max-atoms", "40", "--sampling-weight",
+                 "r2scan=2", "--accumulate", "2", "--max-steps", "2", "--checkpoint-every", "1"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["streamed"] and metrics["steps"] == 2
+    key = torch.load(out / "last.pt", weights_only=True)["extra"]["run_key"]["train_config"]
+    assert key["max_atoms"] == 40 and key["sampling_weights"] == {"r2scan": 2.0} and "num_workers" not in key
+    capsys.readouterr()
+    assert main(["train", "--frames", str(data), "--out", str(tmp_path / "s"), "--devices", "2",
+                 "--strategy", "single"]) == 2
+    assert "--strategy runs in one process" in capsys.readouterr().err
+    cmd = torchrun_command(2, ["train", "--frames", "f", "--devices", "2"])
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    assert cmd[7:] == ["pipeline.cli", "train", "--frames", "f", "--devices", "2"]
+
+
+@pytest.mark.slow
+def test_cli_devices_two_launches_torchrun(small_frames, tmp_path):
+    import subprocess
+    import sys
+
+    data, _ = small_frames
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--frames", str(data), "--out",
+                           str(tmp_path / "run"), "--devices", "2", "--max-steps", "2", "--batch-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["steps"] == 2  # rank 0 alone prints
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2

@@ -335,8 +335,12 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
         if not cfg.stream and world_size > 1:
             raise ValueError("distributed training streams its data: do not set stream=False under torchrun")
         return cfg.stream
-    return (world_size > 1 or cfg.max_atoms is not None or cfg.max_edges is not None
-            or bool(cfg.sampling_weights) or frame_count(frames) > STREAM_ABOVE_FRAMES)
+    if world_size > 1 or cfg.max_atoms is not None or cfg.max_edges is not None or cfg.sampling_weights:
+        return True
+    try:
+        return frame_count(frames) > STREAM_ABOVE_FRAMES
+    except (OSError, pa.ArrowException):  # not readable as Parquet: the in-memory reader names the problem
+        return False
 
 
 class _MemoryBatches:
