@@ -13,6 +13,7 @@ failed child is not shown unless ``-v``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -20,7 +21,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-__all__ = ["launch", "torchrun_command", "under_torchrun"]
+__all__ = ["launch", "resolve_devices", "torchrun_command", "train_argv", "under_torchrun"]
 
 #: torchrun's own log lines (glog format: level letter, MMDD, time, pid, file:line])
 _TORCHRUN_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ torch/")
@@ -75,3 +76,48 @@ def launch(nproc: int, argv: Sequence[str], verbose: bool = False, cpu: bool = T
         print(f"mfhull train: error: {nproc}-process training failed (torchrun exit code {code}); "
               "the ranks' messages are above (-v shows torchrun's report)", file=sys.stderr)
     return code
+
+
+#: TrainConfig field -> mfhull train option, for the fields a launcher passes on (see :func:`train_argv`)
+_FLAGS = {"epochs": "--epochs", "max_steps": "--max-steps", "batch_size": "--batch-size", "lr": "--lr",
+          "seed": "--seed", "device": "--device", "val_fraction": "--val-fraction", "ema_decay": "--ema-decay",
+          "warmup_steps": "--warmup-steps", "scheduler": "--scheduler", "target_fidelity": "--target-fidelity",
+          "loss": "--loss", "max_atoms": "--max-atoms", "max_edges": "--max-edges", "accumulate": "--accumulate",
+          "precision": "--precision", "num_workers": "--workers", "checkpoint_every": "--checkpoint-every"}
+
+
+def train_argv(frames: str, out: str, preset: str, cfg, devices: int = 1) -> list[str]:
+    """``mfhull train`` arguments that rebuild ``cfg`` (a :class:`~pipeline.train.trainer.TrainConfig`) in every
+    rank; fields outside :data:`_FLAGS`, label policy, sampling weights and stream aside, must be at their
+    defaults (ValueError naming them otherwise)."""
+    from pipeline.train.trainer import TrainConfig
+
+    default = TrainConfig()
+    argv = ["train", "--frames", str(frames), "--out", str(out), "--preset", preset, "--devices", str(devices)]
+    for name, flag in _FLAGS.items():
+        value = getattr(cfg, name)
+        if value is not None and value != getattr(default, name):
+            argv += [flag, str(value)]
+    for fid, labels in (cfg.label_policy or {}).items():
+        argv += ["--labels", f"{fid}={','.join(labels)}"]
+    for fid, w in (cfg.sampling_weights or {}).items():
+        argv += ["--sampling-weight", f"{fid}={w}"]
+    if cfg.stream is not None:
+        argv.append("--stream" if cfg.stream else "--no-stream")
+    handled = {*_FLAGS, "label_policy", "sampling_weights", "stream"}
+    other = [f.name for f in dataclasses.fields(cfg) if f.name not in handled
+             and getattr(cfg, f.name) != getattr(default, f.name)]
+    if other:
+        raise ValueError(f"cannot pass {other} to the training processes; set them in a --config file")
+    return argv
+
+
+def resolve_devices(devices: int, device: str) -> int:
+    """``devices`` if > 0; 0 = every visible GPU when ``device`` is CUDA, else 1."""
+    if devices > 0:
+        return devices
+    if str(device).startswith("cuda"):
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    return 1
