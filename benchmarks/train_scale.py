@@ -11,8 +11,10 @@ alternately labelled as the two fidelities (sevenn modalities PBE and R2SCAN: se
 Adam. A step = collate the batch's prebuilt graphs + forward (energy, forces, stress with create_graph) + loss +
 backward + optimizer step: ours as ``pipeline.train.trainer`` does it (FrameData batch, loss_terms, clip_grad_norm_),
 sevenn's through ``sevenn.train.trainer.Trainer.run_one_epoch`` on a one-batch loader (torch_geometric Batch).
-The two alternate step by step in one process (after one warm-up step each); prints the median step time and
-structures per second of each and the ratio.
+The two alternate step by step in one process (after one warm-up step each), each step on new frames; prints
+the median CPU time per step (``time.process_time``: one thread, so it is the step's compute and not the time
+spent waiting for a core on a shared machine; the wall time is printed too), structures per CPU second and the
+ratios (of the medians, and per batch: the same frames back to back).
 
 Data: the 2000 real MPtrj frames of ../shared/data/mp/mattersim (mptrj-random-1k + mptrj-highest-stress-1k),
 repeated until each set has ``--frames`` frames; every copy after the first has its positions perturbed by
@@ -188,21 +190,23 @@ def speed(batch: int, repeats: int, size_cap: int, threads: int) -> None:
         trainer.run_one_epoch([Batch.from_data_list(graphs[k * batch:(k + 1) * batch])], is_train=True)
 
     times: dict[str, list[float]] = {"ours": [], "sevenn": []}
+    walls: dict[str, list[float]] = {"ours": [], "sevenn": []}
     ours_step(0)
     sevenn_step(0)
     for k in range(repeats):
         for name, fn in (("ours", ours_step), ("sevenn", sevenn_step)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn(k)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(time.process_time() - c0)  # CPU seconds: robust to waiting for a shared core
+            walls[name].append(time.perf_counter() - t0)
     atoms = [len(r["numbers"]) for r in rows]
     print(f"SevenNet-MF-0 training step, float32, {threads} thread(s), batch {batch} structures "
           f"({min(atoms)}-{max(atoms)} atoms, {sum(atoms) / len(rows):.1f} mean), fidelities PBE/R2SCAN "
           f"alternating, {repeats} interleaved steps each after 1 warm-up")
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, v in times.items():
-        print(f"  {name:>6}: median {med[name]:.3f} s/step (min {min(v):.3f}, max {max(v):.3f}) = "
-              f"{batch / med[name]:.2f} structures/s")
+        print(f"  {name:>6}: median {med[name]:.3f} CPU s/step (min {min(v):.3f}, max {max(v):.3f}) = "
+              f"{batch / med[name]:.2f} structures per CPU second; wall median {statistics.median(walls[name]):.3f} s")
     ratios = [b / a for a, b in zip(times["ours"], times["sevenn"])]  # same batch, adjacent in time
     print(f"  ours / sevenn throughput: {med['sevenn'] / med['ours']:.2f}x from the medians; per batch (same "
           f"frames, back to back) median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x "

@@ -234,11 +234,18 @@ class FusedUVUTensorProduct(nn.Module):
             if not groups:
                 continue
             filt = torch.matmul(x2, self._cg(i1, x2)).reshape(n, d1, cols)
-            if d1 == 1:  # scalars: an outer product; a broadcast multiply beats a bmm with K = 1 (3x on CPU)
-                prod = a.reshape(n, mul, 1) * filt
-            else:
-                prod = torch.bmm(a.reshape(n, mul, d1), filt)  # (n, u, cols)
-            chunks = prod.split([g[1] * g[2] for g in groups], dim=2) if len(groups) > 1 else (prod,)
+            sizes = [g[1] * g[2] for g in groups]
+            if d1 == 1:
+                # scalar inputs: out[u, (p, m)] = (a[u] w[u, p]) f[p, m]: weight the (u, path) scalars first, then
+                # one broadcast product per group (half the per-edge elementwise work of product-then-weight)
+                a1 = a.reshape(n, mul, 1)
+                f_chunks = filt.split(sizes, dim=2) if len(groups) > 1 else (filt,)
+                for (_, n_g, d3, _), f in zip(groups, f_chunks):
+                    aw = (a1 * next(weights).view(n, mul, n_g)).unsqueeze(-1)  # (n, u, paths, 1)
+                    parts.append((aw * f.reshape(n, 1, n_g, d3)).reshape(n, mul * n_g * d3))
+                continue
+            prod = torch.bmm(a.reshape(n, mul, d1), filt)  # (n, u, cols)
+            chunks = prod.split(sizes, dim=2) if len(groups) > 1 else (prod,)
             for (_, n_g, d3, _), chunk in zip(groups, chunks):
                 w = next(weights).view(n, mul, n_g, 1)
                 parts.append((chunk.reshape(n, mul, n_g, d3) * w).reshape(n, mul * n_g * d3))
