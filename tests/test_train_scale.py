@@ -150,7 +150,7 @@ def test_bf16_autocast_keeps_reductions_in_float32(small_frames):
     graph = batch_graphs([frame_rows_to_graph([r], cfg.cutoff, cfg.fidelities) for r in rows]).to(dtype=torch.float32)
     ref = model(graph, create_graph=False)
     seen = []
-    hook = model.blocks[0].conv.radial_mlp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    hook = model.blocks[0].conv.radial_mlp[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     with precision_context("bf16", model):
         low = model(graph, create_graph=False)
     hook.remove()
