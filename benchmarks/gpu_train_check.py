@@ -5,8 +5,8 @@
 
 Data: data/demo/frames (in the repository; ../shared is not needed). Prints one line per result and exits 1 when
 a check fails its tolerance (parity: 1e-4 eV/atom, 1e-3 eV/A, 1e-3 GPa, as tests/test_sevenn_parity.py; bf16:
-energies within 5 meV/atom and forces within 50 meV/A of float32 on the pretrained weights, a stated bound to be
-revised with the measured numbers).
+energies within 3 meV/atom and forces within 10 meV/A of float32 on the pretrained weights; a CPU dry run of this
+script, bf16 autocast on CPU, 4 demo frames, measured 0.98 meV/atom and 1.9 meV/A).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def _frames(n: int):
     from pipeline.schema import FRAMES_SCHEMA
 
     table = read_table(ROOT / "data/demo/frames", FRAMES_SCHEMA)
-    return table.slice(0, min(n, table.num_rows))
+    picks = np.unique(np.linspace(0, table.num_rows - 1, min(n, table.num_rows)).round().astype(int))
+    return table.take(picks)  # spread over the set (its first frames are single atoms)
 
 
 def parity() -> bool:
@@ -115,7 +116,7 @@ def precision() -> bool:
             ref = {k: v.detach() for k, v in out.items()}
         de = float(((out["energy"].detach() - ref["energy"]) / n).abs().max()) * 1000
         df = float((out["forces"].detach() - ref["forces"]).abs().max()) * 1000
-        good = mode == "float32" or (de < 5.0 and df < 50.0)
+        good = mode == "float32" or (de < 3.0 and df < 10.0)
         ok &= good
         print(f"{mode:>7}: {med * 1000:8.1f} ms/step ({len(data)} structures, {graph.num_atoms} atoms) = "
               f"{len(data) / med:7.1f} structures/s; vs float32 max |dE| {de:.3f} meV/atom, |dF| {df:.3f} meV/A; "

@@ -160,10 +160,10 @@ def test_bf16_autocast_keeps_reductions_in_float32(small_frames):
         assert low[key].dtype == torch.float32, key
     n = graph.n_atoms.to(torch.float32)
     scale = float(ref["atomic_energies"].detach().abs().max()) + 1e-3
-    # bf16 keeps 8 mantissa bits (2^-8 = 0.4 % per op); measured on these random weights: 2.3 % (energy per atom)
-    # and 1 % (forces) of the largest magnitudes; the GPU script checks trained MF-0 weights
-    assert float(((low["energy"] - ref["energy"]).detach() / n).abs().max()) < 0.05 * scale
-    assert float((low["forces"] - ref["forces"]).detach().abs().max()) < 0.05 * (float(ref["forces"].detach().abs().max()) + 1e-3)
+    # only the per-edge radial MLP and tensor product run in bf16 (8 mantissa bits); measured on these random
+    # weights: 9e-5 (energy per atom) and 0.7 % (forces) of the largest magnitudes
+    assert float(((low["energy"] - ref["energy"]).detach() / n).abs().max()) < 5e-3 * scale
+    assert float((low["forces"] - ref["forces"]).detach().abs().max()) < 0.03 * (float(ref["forces"].detach().abs().max()) + 1e-3)
     assert not torch.equal(low["energy"], ref["energy"])
 
 

@@ -296,11 +296,17 @@ class Convolution(nn.Module):
         w = last.weight.index_select(1, self.tp.weight_perm) / (last.h_in * last.var_in / last.var_out) ** 0.5
         return h @ w
 
+    #: set by MFPotential (e.g. torch.bfloat16): the radial MLP and the tensor product run under autocast
+    autocast_dtype: torch.dtype | None = None
+
     def _messages(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
                   neighbor: torch.Tensor, num_nodes: int) -> torch.Tensor:
-        weight = self._radial_weights(edge_radial)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            weight = self._radial_weights(edge_radial)
+            messages = self.tp.grouped_parts(x[neighbor], edge_sh, weight)
         sums = []
-        for message in self.tp.grouped_parts(x[neighbor], edge_sh, weight):
+        for message in messages:
             # the neighbour sum in the edge geometry's dtype (float32/64), also when autocast made messages bf16
             message = message.to(edge_sh.dtype)
             out = torch.zeros(num_nodes, message.shape[1], dtype=message.dtype, device=message.device)
