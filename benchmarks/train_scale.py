@@ -1,6 +1,20 @@
-"""Peak memory of one training epoch streamed from Parquet, as the data set grows 10x (prints measured numbers).
+"""Peak memory of one training epoch streamed from Parquet, as the data set grows 10x; and (``--speed``) the
+training-step throughput of our trainer vs sevenn's own trainer (prints measured numbers).
 
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_scale.py [--frames 10000 100000]
+    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_scale.py --speed [--batch 4 --repeats 6]
+
+``--speed``: SevenNet-MF-0 (the same pretrained weights in both: sevenn's checkpoint, and ours imported from it),
+float32, one thread, the same batches of real MPtrj frames (mptrj-random-1k, at most ``--size-cap`` atoms),
+alternately labelled as the two fidelities (sevenn modalities PBE and R2SCAN: sevenn 0.13 crashes with
+``use_modality`` and a single modality), Huber loss on energy per atom, forces and stress (weights 1, 1, 0.01),
+Adam. A step = collate the batch's prebuilt graphs + forward (energy, forces, stress with create_graph) + loss +
+backward + optimizer step: ours as ``pipeline.train.trainer`` does it (FrameData batch, loss_terms, clip_grad_norm_),
+sevenn's through ``sevenn.train.trainer.Trainer.run_one_epoch`` on a one-batch loader (torch_geometric Batch).
+The two alternate step by step in one process (after one warm-up step each), each step on new frames; prints
+the median CPU time per step (``time.process_time``: one thread, so it is the step's compute and not the time
+spent waiting for a core on a shared machine; the wall time is printed too), structures per CPU second and the
+ratios (of the medians, and per batch: the same frames back to back).
 
 Data: the 2000 real MPtrj frames of ../shared/data/mp/mattersim (mptrj-random-1k + mptrj-highest-stress-1k),
 repeated until each set has ``--frames`` frames; every copy after the first has its positions perturbed by
@@ -110,6 +124,95 @@ def _step(model, opt, graph, labels) -> float:
 ELEMENTS = list(range(1, 95))
 
 
+def speed(batch: int, repeats: int, size_cap: int, threads: int) -> None:
+    """Training-step throughput, ours vs sevenn's trainer (module doc)."""
+    import statistics
+
+    import torch
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from pipeline.frames import frames_table
+    from pipeline.model import import_sevenn
+    from pipeline.sources.files import import_path
+    from pipeline.train.data import FrameData
+    from pipeline.train.losses import LossWeights, loss_terms, total_loss
+
+    torch.set_num_threads(threads)
+    n_frames = batch * repeats
+    rows = [r for r in import_path(shared_data_dir() / FILES[0], limit=2000).rows
+            if len(r["numbers"]) <= size_cap][:n_frames]
+    if len(rows) < n_frames:
+        raise SystemExit(f"only {len(rows)} frames with <= {size_cap} atoms")
+    for i, row in enumerate(rows):
+        row["fidelity"] = "r2scan" if i % 2 else "pbe"
+
+    # ours: the pretrained weights imported into MFPotential, the trainer's step
+    ours = import_sevenn().float().train()
+    data = FrameData(frames_table(rows), ours.cutoff, ours.fidelities)
+    opt = torch.optim.Adam([p for p in ours.parameters() if p.requires_grad], lr=1e-4)
+    weights = LossWeights(1.0, 1.0, 0.01)
+
+    def ours_step(k: int) -> None:
+        graph, labels = data.batch(list(range(k * batch, (k + 1) * batch)))
+        graph, labels = graph.to("cpu", torch.float32), labels.to("cpu", torch.float32)
+        out = ours(graph, compute_forces=True, compute_stress=True, create_graph=True)
+        loss = total_loss(loss_terms(out, labels, kind="huber", delta=0.01), weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), 10.0)
+        opt.step()
+
+    # sevenn: its own model, trainer and graphs
+    import sevenn._keys as KEY
+    from sevenn.atom_graph_data import AtomGraphData
+    from sevenn.train.dataload import atoms_to_graph
+    from sevenn.train.loss import get_loss_functions_from_config
+    from sevenn.train.trainer import Trainer
+    from sevenn.util import load_checkpoint
+    from torch_geometric.data import Batch
+
+    cp = load_checkpoint("7net-mf-0")
+    trainer = Trainer(cp.build_model(), get_loss_functions_from_config(cp.config), torch.optim.Adam,
+                      {"lr": 1e-4}, device="cpu")
+    graphs = []
+    for row in rows:
+        atoms = Atoms(numbers=row["numbers"], positions=row["positions"], cell=row["cell"], pbc=row["pbc"])
+        stress = np.asarray(row["stress"], dtype=float)
+        atoms.calc = SinglePointCalculator(atoms, energy=row["energy"], forces=np.asarray(row["forces"]),
+                                           stress=stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
+        g = AtomGraphData.from_numpy_dict(atoms_to_graph(atoms, cp.config[KEY.CUTOFF], y_from_calc=True))
+        g[KEY.DATA_MODALITY] = "R2SCAN" if row["fidelity"] == "r2scan" else "PBE"
+        g[KEY.DATA_WEIGHT] = {"energy": 1.0, "force": 1.0, "stress": 1.0}  # as sevenn's graph dataset sets it
+        graphs.append(g)
+
+    def sevenn_step(k: int) -> None:
+        trainer.run_one_epoch([Batch.from_data_list(graphs[k * batch:(k + 1) * batch])], is_train=True)
+
+    times: dict[str, list[float]] = {"ours": [], "sevenn": []}
+    walls: dict[str, list[float]] = {"ours": [], "sevenn": []}
+    ours_step(0)
+    sevenn_step(0)
+    for k in range(repeats):
+        for name, fn in (("ours", ours_step), ("sevenn", sevenn_step)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(k)
+            times[name].append(time.process_time() - c0)  # CPU seconds: robust to waiting for a shared core
+            walls[name].append(time.perf_counter() - t0)
+    atoms = [len(r["numbers"]) for r in rows]
+    print(f"SevenNet-MF-0 training step, float32, {threads} thread(s), batch {batch} structures "
+          f"({min(atoms)}-{max(atoms)} atoms, {sum(atoms) / len(rows):.1f} mean), fidelities PBE/R2SCAN "
+          f"alternating, {repeats} interleaved steps each after 1 warm-up")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, v in times.items():
+        print(f"  {name:>6}: median {med[name]:.3f} CPU s/step (min {min(v):.3f}, max {max(v):.3f}) = "
+              f"{batch / med[name]:.2f} structures per CPU second; wall median {statistics.median(walls[name]):.3f} s")
+    ratios = [b / a for a, b in zip(times["ours"], times["sevenn"])]  # same batch, adjacent in time
+    print(f"  ours / sevenn throughput: {med['sevenn'] / med['ours']:.2f}x from the medians; per batch (same "
+          f"frames, back to back) median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x "
+          "(target >= 1.5x on CPU)")
+
+
 def child(mode: str, path: str, train_steps: int, max_atoms: int, workers: int) -> dict:
     """One variant in this (fresh) process; returns its numbers."""
     import torch
@@ -182,9 +285,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-atoms", type=int, default=400, help="atom budget of a batch")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes of the stream")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the data sets (default: a temp dir)")
+    parser.add_argument("--speed", action="store_true", help="training-step throughput, ours vs sevenn's trainer")
+    parser.add_argument("--batch", type=int, default=4, help="--speed: structures per step")
+    parser.add_argument("--repeats", type=int, default=6, help="--speed: timed steps of each")
+    parser.add_argument("--size-cap", type=int, default=16, help="--speed: largest frame (atoms)")
+    parser.add_argument("--threads", type=int, default=1, help="--speed: torch threads")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.speed:
+        speed(args.batch, args.repeats, args.size_cap, args.threads)
+        return
     if args.child:
         print(json.dumps(child(args.child, args.path, args.train_steps, args.max_atoms, args.workers)))
         return

@@ -87,17 +87,29 @@ def pretrained_model(name: str, out_dir: str) -> str:
 @task(name="train")
 def train(frames_dir: str, out_dir: str, preset: str = "small", epochs: int = 100, batch_size: int = 8,
           lr: float = 5e-3, seed: int = 0, device: str = "cpu",
-          label_policy: dict[str, list[str]] | None = None) -> str:
-    """Train (resuming from out_dir/last.pt if present); returns the best checkpoint's path."""
-    from pipeline.io import read_table
+          label_policy: dict[str, list[str]] | None = None, devices: int = 1, stream: bool | None = None,
+          max_atoms: int | None = None, sampling_weights: dict[str, float] | None = None, accumulate: int = 1,
+          precision: str = "float32", workers: int = 0, checkpoint_every: int = 0) -> str:
+    """Train (resuming from out_dir/last.pt if present); returns the best checkpoint's path.
+
+    ``devices`` > 1 (0: every visible GPU with ``device='cuda'``): this task launches torchrun with that many
+    processes, each running ``mfhull train`` (the library's DDP path); otherwise it trains in this process."""
     from pipeline.model import preset as model_preset
-    from pipeline.schema import FRAMES_SCHEMA
     from pipeline.train import TrainConfig
     from pipeline.train import train as run
+    from pipeline.train.launch import launch, resolve_devices, train_argv
 
     policy = {k: tuple(v) for k, v in label_policy.items()} if label_policy else None
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, label_policy=policy)
-    result = run(read_table(frames_dir, FRAMES_SCHEMA), model_preset(preset), cfg, out_dir)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, label_policy=policy,
+                      stream=stream, max_atoms=max_atoms, sampling_weights=sampling_weights, accumulate=accumulate,
+                      precision=precision, num_workers=workers, checkpoint_every=checkpoint_every)
+    n = resolve_devices(devices, device)
+    if n > 1:
+        code = launch(n, train_argv(frames_dir, out_dir, preset, cfg, devices=n), cpu=not device.startswith("cuda"))
+        if code != 0:
+            raise RuntimeError(f"{n}-process training exited with code {code} (see the log above)")
+        return str(Path(out_dir) / "best.pt")
+    result = run(Path(frames_dir), model_preset(preset), cfg, out_dir)
     return str(result.best)
 
 

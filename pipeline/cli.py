@@ -132,6 +132,10 @@ def train_config_from_args(args: argparse.Namespace):
         fidelity_weights=_parse_pairs(args.fidelity_weight, "--fidelity-weight", float) or None,
         fidelity_prior=args.fidelity_prior, init_from=args.init_from, new_fidelities=_parse_pairs(args.new_fidelity, "--new-fidelity") or None,
         freeze=args.freeze, weights=LossWeights(args.energy_weight, args.force_weight, args.stress_weight),
+        stream=args.stream, max_atoms=args.max_atoms, max_edges=args.max_edges,
+        sampling_weights=_parse_pairs(args.sampling_weight, "--sampling-weight", float) or None,
+        accumulate=args.accumulate, precision=args.precision, num_workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
     )
 
 
@@ -143,13 +147,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.model import MFPotential, preset
     from pipeline.schema import FRAMES_SCHEMA
     from pipeline.train import train
+    from pipeline.train.launch import launch, under_torchrun
+    from pipeline.train.trainer import use_stream
 
     if not args.frames or not args.out:
         raise ValueError("--frames and --out are required (on the command line or in --config)")
+    cfg = train_config_from_args(args)
+    if args.devices > 1 and not under_torchrun():  # this process becomes the launcher of N ranks
+        if args.strategy:
+            raise ValueError("--strategy runs in one process: drop --devices")
+        return launch(args.devices, args.argv, verbose=args.verbose, cpu=not str(args.device).startswith("cuda"))
+    if not args.strategy and use_stream(Path(args.frames), cfg, int(os.environ.get("WORLD_SIZE", "1"))):
+        _threads_for(MFPotential(preset(args.preset)))
+        result = train(Path(args.frames), preset(args.preset), cfg, args.out, resume=not args.restart)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print({"best": result.best, "last": result.last, "steps": result.steps, "data_hash": result.data_hash,
+                    "final": result.history[-1] if result.history else None})
+        return 0
     frames = read_input_table("--frames", args.frames, FRAMES_SCHEMA)
     if frames.num_rows == 0:
         raise ValueError(f"--frames {args.frames}: no frames to train on")
-    cfg = train_config_from_args(args)
     model_config = preset(args.preset)
     _threads_for(MFPotential(model_config))
     if args.strategy:
@@ -454,6 +471,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-fidelity strategy (matched steps over all stages; see pipeline.train.strategies)")
     p.add_argument("--high", default=None, help="--strategy: the high (target) fidelity, e.g. gpaw-r2scan")
     p.add_argument("--low", default=None, help="--strategy: the low fidelity, e.g. gpaw-pbe")
+    p.add_argument("--devices", type=int_range(1, 1024), default=1,
+                   help="training processes on this node, launched with torchrun (gloo on CPU, NCCL with --device "
+                        "cuda: one GPU each); implies --stream (default: 1)")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="stream --frames (a dataset folder) instead of loading it (default: above 200000 frames, "
+                        "with --devices > 1, --max-atoms, --max-edges or --sampling-weight)")
+    p.add_argument("--max-atoms", type=int_range(1), default=None,
+                   help="streamed: atoms per micro-batch and process (instead of --batch-size structures)")
+    p.add_argument("--max-edges", type=int_range(1), default=None,
+                   help="streamed: estimated edges per micro-batch and process")
+    p.add_argument("--sampling-weight", action="append",
+                   help="FIDELITY=W: streamed: each epoch draws round(W x n) frames of that fidelity (default 1)")
+    p.add_argument("--accumulate", type=int_range(1, 10_000), default=1,
+                   help="micro-batches per optimizer step (loss = mean over all labelled items of the step)")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16", "tf32"],
+                   help="bf16: autocast of the network (CUDA); tf32: TF32 matmuls (CUDA); energy sums, forces and "
+                        "stress stay float32 (default: float32)")
+    p.add_argument("--workers", type=int_range(0, 64), default=0,
+                   help="streamed: DataLoader worker processes building graphs (default: 0)")
+    p.add_argument("--checkpoint-every", type=int_range(0), default=0,
+                   help="also write last.pt every N optimizer steps (resumes mid-epoch; default: 0 = per epoch)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-fidelity energy/force/stress errors of a checkpoint on frames")
@@ -553,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mfhull: error: {exc}", file=sys.stderr)
         return 2
     try:
-        args = _load_train_config(build_parser(), sys.argv[1:] if argv is None else list(argv))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = _load_train_config(build_parser(), argv)
+        args.argv = argv  # train --devices N relaunches the same command line under torchrun
     except SystemExit as exc:  # --help (0), a bad argument (2, its one line already printed) or a bad --config
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

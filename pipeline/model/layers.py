@@ -96,6 +96,7 @@ class FidelityLinear(nn.Module):
         self.linear = o3.Linear(full_in, self.irreps_out, biases=False)
 
     def forward(self, x: torch.Tensor, fidelity_onehot: torch.Tensor | None) -> torch.Tensor:
+        x = x.to(self.linear.weight.dtype)  # under bf16 autocast the input may be bf16; o3.Linear needs its own dtype
         if self.num_fidelities:
             x = torch.cat([x, fidelity_onehot.to(x.dtype)], dim=1)
         return self.linear(x)
@@ -155,42 +156,51 @@ class FusedUVUTensorProduct(nn.Module):
             weight_start.append(start)
             start += self.irreps_in1[i1].mul
         self.weight_numel = start
-        self.blocks: list[tuple[int, int, int, int, int, int]] = []  # (i1, start, stop, mul, d1, cols)
+        # (i1, mul, d1, cols, groups); a group = paths of one output dimension d3 within the block, its columns
+        # consecutive: (first column, n_paths, d3, number of its weights = mul * n_paths)
+        self.blocks: list[tuple[int, int, int, int, list[tuple[int, int, int, int]]]] = []
+        self.split_in1: list[int] = [ir.dim * mul for mul, ir in self.irreps_in1]
         self._cg_master: dict[int, torch.Tensor] = {}
         self._cg_cache: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
-        weight_index: list[int] = []
         mid_column: list[int] = []  # for each grouped column, its column in irreps_out order
+        weight_perm: list[int] = []  # weights in group order: each group's (u, path) weights consecutive
         for i1, (mul, ir1) in enumerate(self.irreps_in1):
             paths = [(k, ins) for k, ins in enumerate(instructions) if ins[0] == i1]
             if not paths:
+                self.blocks.append((i1, mul, ir1.dim, 0, []))
                 continue
+            # paths grouped by output dimension: a group's weights multiply a (u, path, m) view by broadcasting
+            paths.sort(key=lambda kp: self.irreps_out[kp[1][2]].ir.dim)
             d1 = ir1.dim
             cols = sum(self.irreps_out[ins[2]].ir.dim for _, ins in paths)
             mat = torch.zeros(d1, d2_all, cols, dtype=torch.float64)
             col = 0
-            col_path = []
-            for k, (_, i2, io, _, _) in paths:
-                ir2, ir3 = self.irreps_in2[i2].ir, self.irreps_out[io].ir
-                alpha = math.sqrt(ir3.dim / paths_per_out[io])
-                w3j = o3.wigner_3j(ir1.l, ir2.l, ir3.l, dtype=torch.float64)
-                mat[:, in2_slices[i2], col:col + ir3.dim] = alpha * w3j
-                col_path.append((k, io, col, ir3.dim))
-                col += ir3.dim
+            groups: list[tuple[int, int, int, str]] = []
+            for d3 in sorted({self.irreps_out[ins[2]].ir.dim for _, ins in paths}):
+                members = [(k, ins) for k, ins in paths if self.irreps_out[ins[2]].ir.dim == d3]
+                first = col
+                for k, (_, i2, io, _, _) in members:
+                    ir2, ir3 = self.irreps_in2[i2].ir, self.irreps_out[io].ir
+                    alpha = math.sqrt(ir3.dim / paths_per_out[io])
+                    w3j = o3.wigner_3j(ir1.l, ir2.l, ir3.l, dtype=torch.float64)
+                    mat[:, in2_slices[i2], col:col + d3] = alpha * w3j
+                    col += d3
+                weight_perm += [weight_start[k] + u for u in range(mul) for k, _ in members]
+                groups.append((first, len(members), d3, mul * len(members)))
+                # grouped layout of this group: (u, path, m); output layout of path k: (u, d3) at out_slices[io]
+                for u in range(mul):
+                    for _, ins in members:
+                        for m in range(d3):
+                            mid_column.append(out_slices[ins[2]].start + u * d3 + m)
             # stored as (filter dim, d1 * cols): contracting the filter first leaves a small per-edge matrix.
             # Kept in float64 outside the buffers (model.to(float32) then float64 would lose digits) and cast
             # per dtype/device on use.
             self._cg_master[i1] = mat.permute(1, 0, 2).reshape(d2_all, d1 * cols).contiguous()
-            sl = self.irreps_in1.slices()[i1]
-            self.blocks.append((i1, sl.start, sl.stop, mul, d1, cols))
-            # grouped layout of this block: (u, cols); output layout of path k: (u, d3) at out_slices[io]
-            for u in range(mul):
-                for k, io, c0, d3 in col_path:
-                    for m in range(d3):
-                        weight_index.append(weight_start[k] + u)
-                        mid_column.append(out_slices[io].start + u * d3 + m)
+            self.blocks.append((i1, mul, d1, cols, groups))
         if sorted(mid_column) != list(range(len(mid_column))) or len(mid_column) != self.irreps_out.dim:
             raise ValueError("instructions do not cover irreps_out exactly once")
-        self.register_buffer("weight_index", torch.tensor(weight_index, dtype=torch.long), persistent=False)
+        self.register_buffer("weight_perm", torch.tensor(weight_perm, dtype=torch.long), persistent=False)
+        self.weight_split = [g[3] for *_, groups in self.blocks for g in groups]
         to_mid = torch.empty(len(mid_column), dtype=torch.long)
         to_mid[torch.tensor(mid_column)] = torch.arange(len(mid_column))
         self.register_buffer("to_mid", to_mid, persistent=False)
@@ -202,15 +212,44 @@ class FusedUVUTensorProduct(nn.Module):
         return self._cg_cache[key]
 
     def grouped(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Per-edge products in grouped column order (multiply-by-weight included)."""
+        """Per-edge products in grouped column order (multiply-by-weight included; ``weight`` in e3nn's order)."""
+        parts = self.grouped_parts(x1, x2, weight.index_select(1, self.weight_perm))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def grouped_parts(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`grouped` as its column blocks (concatenated, they are :meth:`grouped`), so that a caller can sum
+        each over edges before concatenating on nodes: a ``cat`` of per-edge tensors costs a zero-filled
+        full-size tensor per block in the double backward of force training. ``weight``: already in group order
+        (columns ``weight_perm`` of e3nn's order; :class:`Convolution` permutes the radial MLP's last layer
+        instead of the per-edge weights).
+
+        Per input irrep: one bmm of the (u x d1) features with the filter contracted with all its paths, then
+        each group of paths of one output dimension is multiplied by its (u, path) weights broadcast over m (no
+        per-column copy of the weights). ``split`` rather than slicing: their backward is one ``cat`` instead of
+        a zero-filled full-size gradient per slice."""
         n = x1.shape[0]
         parts = []
-        for i1, start, stop, mul, d1, cols in self.blocks:
-            a = x1[:, start:stop].reshape(n, mul, d1)
+        weights = iter(weight.split(self.weight_split, dim=1) if len(self.weight_split) > 1 else (weight,))
+        for (i1, mul, d1, cols, groups), a in zip(self.blocks, x1.split(self.split_in1, dim=1)):
+            if not groups:
+                continue
             filt = torch.matmul(x2, self._cg(i1, x2)).reshape(n, d1, cols)
-            parts.append(torch.bmm(a, filt).reshape(n, mul * cols))
-        grouped = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        return grouped * weight.index_select(1, self.weight_index)
+            sizes = [g[1] * g[2] for g in groups]
+            if d1 == 1:
+                # scalar inputs: out[u, (p, m)] = (a[u] w[u, p]) f[p, m]: weight the (u, path) scalars first, then
+                # one broadcast product per group (half the per-edge elementwise work of product-then-weight)
+                a1 = a.reshape(n, mul, 1)
+                f_chunks = filt.split(sizes, dim=2) if len(groups) > 1 else (filt,)
+                for (_, n_g, d3, _), f in zip(groups, f_chunks):
+                    aw = (a1 * next(weights).view(n, mul, n_g)).unsqueeze(-1)  # (n, u, paths, 1)
+                    parts.append((aw * f.reshape(n, 1, n_g, d3)).reshape(n, mul * n_g * d3))
+                continue
+            prod = torch.bmm(a.reshape(n, mul, d1), filt)  # (n, u, cols)
+            chunks = prod.split(sizes, dim=2) if len(groups) > 1 else (prod,)
+            for (_, n_g, d3, _), chunk in zip(groups, chunks):
+                w = next(weights).view(n, mul, n_g, 1)
+                parts.append((chunk.reshape(n, mul, n_g, d3) * w).reshape(n, mul * n_g * d3))
+        return parts
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Same output as ``o3.TensorProduct(...)(x1, x2, weight)`` (columns in ``irreps_out`` order)."""
@@ -234,6 +273,8 @@ class Convolution(nn.Module):
         )
         self.tp = FusedUVUTensorProduct(irreps_in, irreps_sh, self.irreps_mid, self.instructions)
         self.radial_mlp = e3nn_nn.FullyConnectedNet(radial_layers + [self.tp.weight_numel], torch.nn.functional.silu)
+        if list(self.radial_mlp)[-1].act is not None:  # _radial_weights re-implements a linear last layer
+            raise ValueError("the radial MLP's last layer must be linear")
         self.avg_num_neighbors = float(avg_num_neighbors)
 
     #: in eval mode, edges are processed in chunks of this many, with activation checkpointing (their
@@ -243,12 +284,34 @@ class Convolution(nn.Module):
     #: 11.2 s vs 6.3 s). Training (create_graph) always takes the plain path.
     edge_chunk: int = 1024
 
+    def _radial_weights(self, edge_radial: torch.Tensor) -> torch.Tensor:
+        """The radial MLP's output with its columns in the tensor product's group order (``weight_perm``): the
+        last layer's weight matrix is permuted (a small gather) instead of the per-edge output (a gather and, in
+        the backward, a zero-filled scatter of edges x weights). Same computation as e3nn's ``_Layer``."""
+        layers = list(self.radial_mlp)
+        h = edge_radial
+        for layer in layers[:-1]:
+            h = layer(h)
+        last = layers[-1]
+        w = last.weight.index_select(1, self.tp.weight_perm) / (last.h_in * last.var_in / last.var_out) ** 0.5
+        return h @ w
+
+    #: set by MFPotential (e.g. torch.bfloat16): the radial MLP and the tensor product run under autocast
+    autocast_dtype: torch.dtype | None = None
+
     def _messages(self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,
                   neighbor: torch.Tensor, num_nodes: int) -> torch.Tensor:
-        weight = self.radial_mlp(edge_radial)
-        message = self.tp.grouped(x[neighbor], edge_sh, weight)
-        out = torch.zeros(num_nodes, message.shape[1], dtype=message.dtype, device=message.device)
-        return out.index_add_(0, center, message)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            weight = self._radial_weights(edge_radial)
+            messages = self.tp.grouped_parts(x[neighbor], edge_sh, weight)
+        sums = []
+        for message in messages:
+            # the neighbour sum in the edge geometry's dtype (float32/64), also when autocast made messages bf16
+            message = message.to(edge_sh.dtype)
+            out = torch.zeros(num_nodes, message.shape[1], dtype=message.dtype, device=message.device)
+            sums.append(out.index_add_(0, center, message))
+        return sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
 
     def forward(
         self, x: torch.Tensor, edge_sh: torch.Tensor, edge_radial: torch.Tensor, center: torch.Tensor,

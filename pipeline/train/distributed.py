@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistContext", "all_reduce_mean", "barrier", "distributed", "init_from_env", "is_rank0", "on_rank0",
+__all__ = ["DistContext", "all_reduce_mean", "all_reduce_sum", "barrier", "distributed", "init_from_env", "is_rank0", "on_rank0",
            "shutdown", "unwrap", "wrap_model"]
 
 T = TypeVar("T")
@@ -65,7 +65,8 @@ def init_from_env(device: str | None = None, timeout_s: float = 600.0) -> DistCo
     """Join the process group described by torchrun's environment variables.
 
     ``device``: 'cpu', 'cuda' or None (CUDA when available). The backend is NCCL on CUDA (each process takes
-    GPU ``LOCAL_RANK``), gloo on CPU. Without ``WORLD_SIZE`` (or with 1) nothing is initialised and a
+    GPU ``LOCAL_RANK``), gloo on CPU; with more ranks on a node than GPUs (``LOCAL_WORLD_SIZE``) the ranks share
+    the GPUs round-robin over gloo (NCCL refuses two ranks on one GPU). Without ``WORLD_SIZE`` (or with 1) nothing is initialised and a
     single-process context is returned, so one script serves both launches. A half-set environment is an error
     naming the missing variables.
     """
@@ -84,11 +85,17 @@ def init_from_env(device: str | None = None, timeout_s: float = 600.0) -> DistCo
         raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun")
     backend = "nccl" if want_cuda else "gloo"
     if want_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices")
+        n_gpu = torch.cuda.device_count()
+        if n_gpu == 0:
+            raise RuntimeError("device 'cuda' requested but no CUDA device is visible")
+        if max(int(os.environ.get("LOCAL_WORLD_SIZE", "0")), local_rank + 1) > n_gpu:
+            # more ranks than GPUs on this node (torchrun sets LOCAL_WORLD_SIZE; e.g. a smoke test of 2 ranks on
+            # 1 GPU): they share the GPUs round-robin; NCCL refuses two ranks on one GPU, gloo all-reduces CUDA
+            # tensors through the host
+            dev, backend = torch.device(f"cuda:{local_rank % n_gpu}"), "gloo"
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"device_id": dev} if want_cuda else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s),
                                 **kwargs)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
@@ -161,3 +168,15 @@ def all_reduce_mean(value: torch.Tensor | float) -> torch.Tensor:
         t = t.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return (t / dist.get_world_size()).to(home)
+
+
+def all_reduce_sum(value: torch.Tensor | float) -> torch.Tensor:
+    """Sum of a scalar or tensor over ranks (counts, metric sums); a copy, on the input's device."""
+    t = torch.as_tensor(value).detach().clone()
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    home = t.device
+    if dist.get_backend() == "nccl":
+        t = t.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(home)

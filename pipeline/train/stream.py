@@ -121,8 +121,7 @@ class FrameIndex:
 
         A frame whose fidelity is not in ``fidelities`` is an error naming it (give that fidelity weight 0 to
         drop it instead: it stays in the index but is never sampled)."""
-        dataset = ParquetDataset(path, FRAMES_SCHEMA)
-        parts = dataset.parts()
+        parts = [Path(path)] if Path(path).is_file() else ParquetDataset(path, FRAMES_SCHEMA).parts()
         if not parts:
             raise FileNotFoundError(f"no frames Parquet parts in {path}")
         names = [str(f).strip().lower() for f in fidelities]
@@ -167,13 +166,15 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), stream])
 
 
-def sample_frames(index: FrameIndex, weights: Mapping[str, float], seed: int, epoch: int) -> np.ndarray:
-    """Frame numbers sampled for an epoch (unordered): fidelity ``f`` exactly ``round(w_f * n_f)`` times."""
+def sample_frames(index: FrameIndex, weights: Mapping[str, float], seed: int, epoch: int,
+                  select: np.ndarray | None = None) -> np.ndarray:
+    """Frame numbers sampled for an epoch (unordered): fidelity ``f`` exactly ``round(w_f * n_f)`` times
+    (``select``: boolean mask of the frames that may be sampled, e.g. the training split; None = all)."""
     rng = _rng(seed, epoch, 0)
     out = []
     for k, name in enumerate(index.fidelity_names):
         w = float(weights.get(name, 1.0))
-        members = np.flatnonzero(index.fidelity == k)
+        members = np.flatnonzero((index.fidelity == k) if select is None else (index.fidelity == k) & select)
         whole, frac = math.floor(w), w - math.floor(w)
         out.extend([members] * whole)
         extra = round(frac * len(members))
@@ -299,7 +300,9 @@ class FrameStream:
 
     ``weights``: fidelity -> sampling weight (missing: 1). ``buffer_rows``: the shuffle buffer (samples per
     block). ``rank``/``world_size``: this process's shard (defaults from :mod:`torch.distributed` when it is
-    initialised). ``label_policy``: as in :class:`~pipeline.train.data.FrameData`.
+    initialised). ``label_policy``: as in :class:`~pipeline.train.data.FrameData`. ``select``: boolean mask over
+    the stored frames (index order = parts, row groups, rows) of those that may be sampled (the training or the
+    validation split); None = all. ``path`` may also be a single Parquet file.
     """
 
     def __init__(
@@ -316,6 +319,7 @@ class FrameStream:
         world_size: int | None = None,
         label_policy: Mapping[str, Sequence[str]] | None = None,
         worker_start_method: str = "spawn",
+        select: np.ndarray | None = None,
     ) -> None:
         if buffer_rows < 1:
             raise ValueError(f"buffer_rows must be positive, got {buffer_rows}")
@@ -345,6 +349,11 @@ class FrameStream:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.index = FrameIndex.read(self.path, self.fidelities, self.cutoff)
+        if select is not None:
+            select = np.asarray(select, dtype=bool)
+            if select.shape != (len(self.index),):
+                raise ValueError(f"select mask has {select.shape} entries for {len(self.index)} frames")
+        self.select = select
         self.epoch = 0
         self.batches_consumed = 0  # global batches of ``epoch`` already trained on (all ranks together)
 
@@ -352,19 +361,25 @@ class FrameStream:
 
     def global_plan(self, epoch: int) -> tuple[list[np.ndarray], list[int]]:
         """All batches of an epoch (frame numbers, before sharding) and the shuffle block of each batch."""
-        samples = sample_frames(self.index, self.weights, self.seed, epoch)
+        samples = sample_frames(self.index, self.weights, self.seed, epoch, self.select)
         order, blocks = shuffle_blocks(self.index, samples, self.buffer_rows, self.seed, epoch)
         batches = pack_batches(order, self.index.n_atoms, self.index.edges, self.budget)
         ends = np.cumsum([len(b) for b in batches]) - 1
         return batches, [int(blocks[e]) for e in ends]
 
-    def plan(self, epoch: int, start: int = 0) -> tuple[list[np.ndarray], list[int], list[int]]:
+    def plan(self, epoch: int, start: int = 0, even: bool = True) -> tuple[list[np.ndarray], list[int], list[int]]:
         """This rank's batches of ``epoch`` from global batch ``start`` on: (batches, blocks, global positions).
 
-        The global plan is cut to a multiple of the world size so that every rank makes the same number of
-        steps (the cut batches are dropped for this epoch)."""
+        ``even``: the global plan is cut to a multiple of the world size so that every rank makes the same number
+        of steps (the cut batches are dropped for this epoch); ``even=False`` keeps every batch (for evaluation:
+        ranks may then get one batch more than others)."""
         batches, blocks = self.global_plan(epoch)
-        usable = start + (len(batches) - start) // self.world_size * self.world_size if start < len(batches) else start
+        if not even:
+            usable = len(batches)
+        elif start < len(batches):
+            usable = start + (len(batches) - start) // self.world_size * self.world_size
+        else:
+            usable = start
         positions = list(range(start + self.rank, usable, self.world_size))
         return [batches[p] for p in positions], [blocks[p] for p in positions], positions
 
@@ -375,12 +390,12 @@ class FrameStream:
     # --- iteration ---------------------------------------------------------------------------------------------
 
     def loader(self, num_workers: int = 0, epoch: int | None = None, start: int | None = None,
-               prefetch_factor: int | None = None) -> DataLoader:
+               prefetch_factor: int | None = None, even: bool = True) -> DataLoader:
         """A DataLoader of :class:`StreamBatch` for this rank from global batch ``start`` (default: where the
         state says); does not update the state (use :meth:`iter_epoch` for that)."""
         epoch = self.epoch if epoch is None else epoch
         start = self.batches_consumed if start is None else start
-        batches, blocks, positions = self.plan(epoch, start)
+        batches, blocks, positions = self.plan(epoch, start, even)
         dataset = _PlanDataset(self, batches, blocks, positions)
         kwargs: dict[str, Any] = {}
         if num_workers > 0:
@@ -412,6 +427,7 @@ class FrameStream:
             "budget": [self.budget.max_atoms, self.budget.max_edges, self.budget.max_structures],
             "weights": sorted(self.weights.items()), "buffer_rows": self.buffer_rows, "cutoff": self.cutoff,
             "fidelities": list(self.fidelities),
+            "select": None if self.select is None else hashlib.sha256(np.packbits(self.select).tobytes()).hexdigest(),
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
