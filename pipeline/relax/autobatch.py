@@ -45,6 +45,8 @@ __all__ = ["CPU_MAX_ATOMS", "BatchBudget", "budget_from_probes", "estimate_batch
 CPU_MAX_ATOMS = 512
 #: fraction of the free memory a batch may use
 FRACTION = {"cuda": 0.8, "cpu": 0.5}
+#: a run of at most this many atoms in all is one batch, unmeasured (it costs what one call on such a cell does)
+UNMEASURED_ATOMS = 64
 #: peak growth between the probes below which it is noise, not a measurement (CPU: the allocator's reuse)
 NOISE_BYTES = {"cuda": 1 << 20, "cpu": 16 << 20}
 #: probe batch sizes (atoms): small on CPU, where an MF-0 call costs ~60 ms per atom
@@ -58,13 +60,13 @@ class BatchBudget:
     max_atoms: int
     max_edges: int | None
     device: str
-    method: str  # 'cuda-peak', 'cpu-peak-rss', or 'cpu-cap' (no measurement possible)
+    method: str  # 'cuda-peak', 'cpu-peak-rss', 'cpu-cap'/'cuda-cap' (no measurement), 'all-fit' (small run)
     bytes_per_atom: float | None = None
     bytes_per_edge: float | None = None
     intercept_bytes: float | None = None
     free_bytes: int | None = None
     fraction: float | None = None
-    limited_by: str = "memory"  # 'memory' or 'cap'
+    limited_by: str = "memory"  # 'memory', 'cap' or 'size' (all-fit)
 
     def as_dict(self) -> dict[str, object]:
         out = asdict(self)
@@ -190,16 +192,20 @@ def estimate_batch_budget(
 
     ``peak_fn(model, graph)`` (peak bytes of one E+F+S call above the memory in use before it) and ``free_fn()``
     (free bytes) replace the device's own measurements (tests). Structures that cannot become a graph are
-    skipped (the relaxer reports them); with none left, or when CPU memory cannot be measured, the budget is
-    the CPU cap (CUDA: ``cpu_cap`` x 8)."""
+    skipped (the relaxer reports them). Runs of at most :data:`UNMEASURED_ATOMS` atoms in all are one batch,
+    without a measurement. When nothing can be measured, the budget is ``cpu_cap`` atoms (on CUDA too)."""
     param = model.shift
     device, dtype = param.device, param.dtype
-    kind = "cuda" if device.type == "cuda" else "cpu"
+    kind = _device_kind(device)
     fraction = FRACTION[kind] if fraction is None else fraction
     sizes = tuple(probe_atoms or PROBE_ATOMS[kind])
     usable = [a for a in structures if len(a) > 0 and _graph_ok(a, model)]
-    fallback = BatchBudget(max_atoms=cpu_cap if kind == "cpu" else 8 * cpu_cap, max_edges=None, device=str(device),
-                           method=f"{kind}-cap", limited_by="cap")
+    total = sum(len(a) for a in usable)
+    if 0 < total <= UNMEASURED_ATOMS:
+        return BatchBudget(max_atoms=total, max_edges=None, device=str(device), method="all-fit",
+                           limited_by="size")
+    fallback = BatchBudget(max_atoms=cpu_cap, max_edges=None, device=str(device), method=f"{kind}-cap",
+                           limited_by="cap")
     if not usable:
         return fallback
     if peak_fn is None:
@@ -232,6 +238,10 @@ def estimate_batch_budget(
     log.info("batch budget on %s: %d atoms, %s edges (%.3f MB/atom, %s free, %s)", device, budget.max_atoms,
              budget.max_edges, (budget.bytes_per_atom or 0) / 1e6, f"{free / 1e9:.1f} GB", budget.limited_by)
     return budget
+
+
+def _device_kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
 def _graph_ok(atoms: Atoms, model: MFPotential) -> bool:
