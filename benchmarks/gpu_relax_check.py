@@ -220,7 +220,7 @@ def check(args: argparse.Namespace) -> None:
                                                                               * 1000)}
     except Exception as exc:  # noqa: BLE001 - optional peer: say why it did not run
         report["torch_sim"] = {"skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    print(f"\n| path | structures | wall s | structures/min | ms/atom-step |\n|---|---|---|---|---|")
+    print("\n| path | structures | wall s | structures/min | ms/atom-step |\n|---|---|---|---|---|")
     for name, n, wall, per_min, rate in rows:
         print(f"| {name} | {n} | {wall:.1f} | {per_min:.1f} | {rate:.2f} |")
     v = report["batched_vs_ase"]

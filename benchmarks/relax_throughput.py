@@ -46,9 +46,9 @@ import torch
 
 from pipeline.config import shared_data_dir
 from pipeline.model import ElementReferences, MFPotential, import_sevenn, preset
+from pipeline.relax.batched import resolve_budget
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.perturb import perturbed_mp_structures
-from pipeline.relax.batched import resolve_budget
 from pipeline.relax.relaxer import RelaxSettings, relax_many
 
 

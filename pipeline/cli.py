@@ -375,7 +375,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
-    from pipeline.cli_args import existing_file, existing_path, float_range, int_or_auto, int_range, out_dir, out_file
+    from pipeline.cli_args import (
+        existing_file,
+        existing_path,
+        float_range,
+        int_or_auto,
+        int_range,
+        out_dir,
+        out_file,
+    )
 
     parser = _Parser(prog="mfhull", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",

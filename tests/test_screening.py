@@ -83,7 +83,7 @@ def test_report_rows_carry_the_relaxation_key_and_settings(world, tmp_path):
     settings in that key; a new --fmax gives new keys; a row that was never relaxed has neither."""
     import pyarrow.dataset as ds
 
-    references, candidates, truth, ckpt = world
+    references, candidates, _truth, ckpt = world
     files = screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", out_dir=tmp_path,
                    relax=RelaxSettings(steps=7, fmax=0.07, max_atoms=64),
                    candidate_rejects=[{"record_id": "broken.cif", "error": "no atoms"}])

@@ -9,7 +9,8 @@ fixed work buffers) cancels:
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, against the free memory of
   ``torch.cuda.mem_get_info``;
 * CPU: the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident set
-  before the call, against ``MemAvailable`` of ``/proc/meminfo``. Without ``/proc`` (not Linux) the budget is
+  before the call, against ``MemAvailable`` of ``/proc/meminfo`` (so the process's peak-RSS counter, also
+  ``ru_maxrss``, restarts at each probe). Without ``/proc`` (not Linux) the budget is
   the CPU cap.
 
 From peak = c + m, with m the growth per probe contents, ``bytes_per_atom`` = dm/d(atoms) and ``bytes_per_edge`` =
@@ -87,7 +88,7 @@ def budget_from_probes(
     structure, which runs alone anyway."""
     if len(probes) < 2:
         raise ValueError("need at least two probes of different sizes")
-    (a1, e1, m1), (a2, e2, m2) = sorted(probes)[0], sorted(probes)[-1]
+    (a1, e1, m1), (a2, e2, m2) = min(probes), max(probes)
     if a2 <= a1:
         raise ValueError(f"probes must differ in size, got {a1} and {a2} atoms")
     if m2 - m1 > noise_bytes:
