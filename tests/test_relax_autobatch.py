@@ -192,3 +192,27 @@ def test_settings_accept_auto_or_a_positive_integer():
             RelaxSettings(max_atoms=bad)
     with pytest.raises(ValueError, match="max_edges"):
         RelaxSettings(max_edges=0)
+
+
+def test_cli_batch_atoms_takes_auto_or_a_positive_integer():
+    import argparse
+
+    from pipeline.cli_args import int_or_auto
+
+    parse = int_or_auto(1)
+    assert parse("auto") == "auto" and parse(" AUTO ") == "auto" and parse("96") == 96
+    for bad in ("0", "-1", "many", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+
+
+def test_structures_the_relaxer_rejects_do_not_spoil_the_measurement(model):
+    """Unknown elements, NaN positions and a flat cell fail in the relaxer (as rows); the budget is measured on
+    the rest rather than falling back to the cap."""
+    from ase import Atoms
+
+    bad = [Atoms("Au", cell=np.eye(3) * 3, pbc=True), Atoms("Li", positions=[[np.nan, 0, 0]], cell=np.eye(3) * 3,
+                                                               pbc=True),
+           Atoms("LiO", positions=[[0, 0, 0], [1, 0, 0]], cell=[[2, 0, 0], [0, 2, 0], [0, 0, 0]], pbc=True)]
+    b = estimate_batch_budget(bad + _structures(), model, 0)
+    assert b.method == "cpu-peak-rss"

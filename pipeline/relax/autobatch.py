@@ -248,6 +248,8 @@ def _device_kind(device: torch.device) -> str:
 def _graph_ok(atoms: Atoms, model: MFPotential) -> bool:
     try:
         model.species_index(torch.as_tensor(np.asarray(atoms.numbers), dtype=torch.long))
-        return bool(np.isfinite(atoms.positions).all() and np.isfinite(atoms.cell.array).all())
+        cell = np.asarray(atoms.cell.array, dtype=float)
+        finite = bool(np.isfinite(atoms.positions).all() and np.isfinite(cell).all())
+        return finite and not (bool(np.all(atoms.pbc)) and abs(float(np.linalg.det(cell))) < 1e-8)
     except Exception:  # noqa: BLE001 - such structures fail in the relaxer, with their error
         return False
