@@ -190,6 +190,8 @@ def check(args: argparse.Namespace) -> None:
           f"{(budget.free_bytes or 0) / 1e9:.1f} GB free x {budget.fraction}", flush=True)
     print("largest batch (E+F+S):", flush=True)
     report["largest_batch"] = largest_batch(model, structures, device, budget, args.batch_start, args.batch_limit_s)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # after a possible out-of-memory probe
     fit = [r for r in report["largest_batch"] if r["ok"]]
     print(f"largest batch that ran: {max(r['atoms'] for r in fit) if fit else 0} atoms", flush=True)
 
