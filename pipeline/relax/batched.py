@@ -3,8 +3,8 @@
 
 How a run goes: structures wait in a queue; the batch is filled up to ``max_atoms`` atoms and ``max_edges``
 neighbour pairs (``max_atoms="auto"``: measured on the device first, :func:`resolve_budget`); one model call gives
-energy, forces and stress of the whole batch; a structure leaves the batch when it converges (filter fmax < ``fmax``), reaches ``steps`` or fails, and the next ones in the queue take its
-place. Neighbour lists (vesin, :func:`pipeline.graphs.neighbor_list`) are built with ``cutoff + skin`` and
+energy, forces and stress of the whole batch; a structure leaves the batch when it converges (filter fmax <
+``fmax``), reaches ``steps`` or fails, and the next ones in the queue take its place. Neighbour lists (vesin, :func:`pipeline.graphs.neighbor_list`) are built with ``cutoff + skin`` and
 rebuilt for a structure only when its atoms may have moved more than half a skin relative to each other (a
 bound that includes the cell change); every step keeps only the pairs inside the cutoff, so the model sees exactly
 the graph a fresh neighbour list would give.
