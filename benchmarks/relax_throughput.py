@@ -2,6 +2,10 @@
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/relax_throughput.py \
         [--n 32 128] [--models small mf0] [--steps 500] [--fmax 0.05] [--size-cap 16] [--threads 1] [--torch-sim]
+        [--max-atoms auto|N] [--ase-subset K] [--memory]
+
+Run it with ``PYTHONPATH=.`` (or ``python -m``-style from the checkout): a script's own folder comes first on
+sys.path, so without it ``import pipeline`` may pick up another installed copy.
 
 Structures: N perturbed real MP Li-Ni-O structures (../shared/data/mp/mp-res_Li-Ni-O/Li-Ni-O.res.tar; rattle
 0.05 A, random symmetric strain up to 2 %, seed 0), mixed sizes of 1..``--size-cap`` atoms
@@ -16,11 +20,16 @@ its SevenNet wrapper on sevenn's own MF-0 (modal R2SCAN), in-flight autobatching
 budget, convergence checked every step with cell forces included. Its 0.3.0 wrapper imports
 ``sevenn.calculator.torch_script_type``, gone in sevenn 0.13: the shim below restores that name.
 
-Printed per model and N: wall time, structures per minute, ms per atom-step (our two paths; atom-steps counted
-from each row's steps), the ratios, and how far the answers are apart (max |dE| per atom, converged flags).
-Memory (mf0): peak RSS growth of one E+F+S call per atom (NiO supercells of 512 and 1000 atoms, fresh processes;
-the difference of the two peaks over the difference in atoms, so imports and weights cancel), with
-the model's weights requiring grad (as after training) and without (what the batched relaxer does).
+Printed per model and N: the batch budget (``--max-atoms auto``: what :mod:`pipeline.relax.autobatch` measured on
+this device for these structures, with its bytes per atom; torch-sim gets the same atom budget), wall time,
+structures per minute, ms per atom-step (our two paths; atom-steps counted from each row's steps), the ratios,
+and how far the answers are apart (max |dE| per atom, converged flags). ``--ase-subset K``: the ASE path relaxes
+only the first K structures (its rate in ms/atom-step is then compared, and its answers on those K); the
+structures/min of the ASE path are then those of the subset.
+Memory (mf0): peak resident-set growth of one E+F+S call per atom (NiO supercells of 512 and 1000 atoms, fresh
+processes; VmHWM reset through /proc/self/clear_refs just before the call, minus the resident set then; the
+difference of the two peaks over the difference in atoms, so imports and weights cancel), with the model's weights
+requiring grad (as after training) and without (what the batched relaxer does).
 """
 
 from __future__ import annotations
@@ -28,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +46,7 @@ import torch
 
 from pipeline.config import shared_data_dir
 from pipeline.model import ElementReferences, MFPotential, import_sevenn, preset
+from pipeline.relax.batched import resolve_budget
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.perturb import perturbed_mp_structures
 from pipeline.relax.relaxer import RelaxSettings, relax_many
@@ -92,6 +101,7 @@ def memory_probe(name: str, n_cells: int, weights_grad: bool) -> None:
     from ase.build import bulk
 
     from pipeline.graphs import atoms_to_graph
+    from pipeline.relax.autobatch import _cpu_peak
 
     torch.set_num_threads(1)
     model = load_model(name)
@@ -100,11 +110,8 @@ def memory_probe(name: str, n_cells: int, weights_grad: bool) -> None:
     atoms = bulk("NiO", "rocksalt", a=4.17, cubic=True) * (n_cells, n_cells, n_cells)
     atoms.symbols[::8] = "Li"
     graph = atoms_to_graph(atoms, model.cutoff, fidelity=0, dtype=torch.float32)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = model(graph, compute_forces=True, compute_stress=True, create_graph=False)
-    float(out["energy"].sum())
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"atoms": len(atoms), "peak_mb": (after - before) / 1024}))
+    peak = _cpu_peak(model, graph)
+    print(json.dumps({"atoms": len(atoms), "peak_mb": peak / 2**20}))
 
 
 def memory_per_atom(name: str, weights_grad: bool) -> tuple[float, dict[int, float]]:
@@ -128,7 +135,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--fmax", type=float, default=0.05)
     parser.add_argument("--size-cap", type=int, default=16, help="largest structure (atoms) in the set")
-    parser.add_argument("--max-atoms", type=int, default=512, help="batch budget (atoms) of both batched relaxers")
+    parser.add_argument("--max-atoms", default="auto",
+                        help="batch budget (atoms) of both batched relaxers, or 'auto' (measured, default)")
+    parser.add_argument("--ase-subset", type=int, default=None,
+                        help="run the ASE path on the first K structures only (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--torch-sim", action="store_true", help="also run torch-sim (mf0 only)")
     parser.add_argument("--memory", action="store_true", help="also measure E+F+S memory per atom")
@@ -137,6 +147,8 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args.memory_probe[0], int(args.memory_probe[1]), bool(int(args.memory_probe[2])))
         return
+    if args.max_atoms != "auto":
+        args.max_atoms = int(args.max_atoms)
     torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"fmax {args.fmax}, steps {args.steps}, sizes 1..{args.size_cap} atoms, batch budget {args.max_atoms} atoms")
@@ -147,21 +159,37 @@ def main() -> None:
             if n == 0:  # memory only
                 continue
             items = perturbed_mp_structures(tar, n, max_atoms=args.size_cap, seed=0)
+            n_atoms = sum(len(a) for _, a in items)
             common = {"fmax": args.fmax, "steps": args.steps, "max_atoms": args.max_atoms}
-            t_ase, ase = run_ours(items, model, RelaxSettings(engine="ase", **common))
+            t0 = time.perf_counter()
+            resolved, budget = resolve_budget([a for _, a in items], model, 0, RelaxSettings(engine="batched",
+                                                                                           **common))
+            t_budget = time.perf_counter() - t0
+            print(f"\n[{name}] N={n} structures, {n_atoms} atoms; batch budget {resolved.max_atoms} atoms, "
+                  f"{resolved.max_edges} edges" + (
+                      f" (measured in {t_budget:.1f} s: {budget.method}, {(budget.bytes_per_atom or 0) / 1e6:.3f} MB/atom, "
+                      f"{budget.free_bytes / 1e9:.1f} GB free x {budget.fraction}, limited by {budget.limited_by})"
+                      if budget is not None else " (given)"))
+            common.update(max_atoms=resolved.max_atoms, max_edges=resolved.max_edges)
+            k = n if args.ase_subset is None else min(args.ase_subset, n)
+            t_ase, ase = run_ours(items[:k], model, RelaxSettings(engine="ase", **common))
             t_bat, bat = run_ours(items, model, RelaxSettings(engine="batched", **common))
             e_ase = np.array([r["energy_per_atom"] if r["energy_per_atom"] is not None else np.nan for r in ase])
             e_bat = np.array([r["energy_per_atom"] if r["energy_per_atom"] is not None else np.nan for r in bat])
             same_flags = sum(a["status"] == b["status"] for a, b in zip(ase, bat))
-            n_atoms = sum(len(a) for _, a in items)
-            print(f"\n[{name}] N={n} structures, {n_atoms} atoms; statuses (ASE): "
-                  f"{ {s: sum(r['status'] == s for r in ase) for s in ('converged', 'not_converged', 'failed')} }")
+            print(f"  statuses (batched): "
+                  f"{ {s: sum(r['status'] == s for r in bat) for s in ('converged', 'not_converged', 'failed')} }; "
+                  f"ASE path on {k} of {n} structures ({sum(len(a) for _, a in items[:k])} atoms)")
             for label, wall, rows in (("ASE one by one", t_ase, ase), ("batched", t_bat, bat)):
                 steps = atom_steps(rows)
-                print(f"  {label:16s} wall {wall:8.1f} s  {60 * n / wall:8.2f} structures/min  "
-                      f"{1000 * wall / max(steps, 1):7.2f} ms/atom-step  ({steps} atom-steps)")
-            print(f"  batched / ASE speed: {t_ase / t_bat:.2f}x; same flags {same_flags}/{n}; "
-                  f"max |dE| {np.nanmax(np.abs(e_ase - e_bat)) * 1000:.2e} meV/atom")
+                print(f"  {label:16s} wall {wall:8.1f} s  {60 * len(rows) / wall:8.2f} structures/min  "
+                      f"{1000 * wall / max(steps, 1):7.2f} ms/atom-step  ({steps} atom-steps, {len(rows)} structures)")
+            rate_ase = t_ase / max(atom_steps(ase), 1)
+            rate_bat = t_bat / max(atom_steps(bat), 1)
+            speed = (f"{t_ase / t_bat:.2f}x (structures/min)" if k == n else
+                     f"{rate_ase / rate_bat:.2f}x (ms/atom-step; ASE on a subset)")
+            print(f"  batched / ASE speed: {speed}; per atom-step {rate_ase / rate_bat:.2f}x; same flags "
+                  f"{same_flags}/{k}; max |dE| {np.nanmax(np.abs(e_ase - e_bat[:k])) * 1000:.2e} meV/atom")
             if args.torch_sim and name == "mf0":
                 t_ts, e_ts = run_torch_sim(items, RelaxSettings(**common))
                 print(f"  {'torch-sim':16s} wall {t_ts:8.1f} s  {60 * n / t_ts:8.2f} structures/min")

@@ -393,7 +393,15 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
-    from pipeline.cli_args import existing_file, existing_path, float_range, int_range, out_dir, out_file
+    from pipeline.cli_args import (
+        existing_file,
+        existing_path,
+        float_range,
+        int_or_auto,
+        int_range,
+        out_dir,
+        out_file,
+    )
 
     parser = _Parser(prog="mfhull", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -522,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer step limit per structure (>= 0; 0 = single point; default: 500)")
     p.add_argument("--relax-engine", default="auto", choices=["auto", "batched", "ase"],
                    help="batched FIRE relaxer or the ASE reference path (auto: batched)")
-    p.add_argument("--batch-atoms", type=int_range(1), default=512,
-                   help="atoms per batch of the batched relaxer (memory budget; default: 512)")
+    p.add_argument("--batch-atoms", type=int_or_auto(1), default="auto",
+                   help="atoms per batch of the batched relaxer, or 'auto' (default): measured on the device")
     p.add_argument("--reference-window", type=float_range(0), default=None,
                    help="recompute reference phases within this many eV/atom of the DFT hull with the model, for "
                         "the all-model hull (default: all of them when there are <= 50, else 0.1)")

@@ -143,3 +143,14 @@ def read_input_table(option: str, path: str | os.PathLike[str], schema: pa.Schem
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def int_or_auto(low: int | None = None) -> Callable[[str], int | str]:
+    """'auto' or an integer >= ``low``."""
+    as_int = int_range(low)
+
+    def parse(value: str) -> int | str:
+        return "auto" if value.strip().lower() == "auto" else as_int(value)
+
+    parse.__name__ = "'auto' or integer"
+    return parse

@@ -107,7 +107,9 @@ RELAXATIONS_SCHEMA = pa.schema(
         _f("model_fidelity", pa.string(), "Fidelity head of the potential that relaxed it (null: same as fidelity)."),
         _f("relax_key", pa.string(), "Content key: sha256 of the input structure + model_id + model fidelity + "
            "settings; a stored row is reused only when this matches.", False),
-        _f("settings", pa.string(), "JSON of the relaxation settings (engine, optimizer, fmax, steps, ...)."),
+        _f("settings", pa.string(), "JSON of the relaxation settings that enter relax_key (engine, optimizer, fmax, "
+           "steps, dtype, symmetry, ...); batched rows add 'batch': the batch budget used and how it was measured "
+           "(not part of the key)."),
         _f("role", pa.string(), "'candidate' or 'reference' (a reference phase re-computed by the model).", False),
         _f("formula", pa.string(), "Reduced formula.", False),
         _f("chemsys", pa.string(), "Sorted elements joined by '-'.", False),
@@ -142,7 +144,7 @@ CANDIDATES_SCHEMA = pa.schema(
     metadata={"name": "candidates", "schema_version": "1"},
 )
 
-REPORT_SCHEMA_VERSION = "2"
+REPORT_SCHEMA_VERSION = "3"
 
 #: Relaxation outcomes a report row may carry.
 RELAX_STATUSES = ("converged", "not_converged", "failed", "not_relaxed")
@@ -165,6 +167,10 @@ REPORT_SCHEMA = pa.schema(
         _f("data_snapshot_id", pa.string(), "Id of the reference-data snapshot the hulls were built from."),
         _f("relax_status", pa.string(), f"Relaxation outcome: one of {', '.join(RELAX_STATUSES)}; null if unknown."),
         _f("relax_steps", pa.int32(), "Number of optimizer steps of the relaxation; null if unknown."),
+        _f("relax_key", pa.string(), "Content key of the relaxation behind the energies (the relaxations table's "
+           "relax_key); two heads: their keys joined by '+' in the order of fidelity; null if not relaxed."),
+        _f("relax_settings", pa.string(), "JSON of the relaxation settings that enter relax_key (engine, optimizer, "
+           "fmax, steps, relax_cell, dtype, symmetry, guards, FIRE parameters); null if not relaxed."),
         _f("energy", pa.float64(), "Predicted RAW total energy of the (relaxed) cell (eV).", unit="eV"),
         _f("energy_per_atom", pa.float64(),
            "Predicted energy per atom on the hull's scale, i.e. with the thermo type's corrections (eV/atom).",

@@ -211,6 +211,22 @@ def _status(rels: list[dict[str, Any]]) -> str:
     return "failed" if statuses == {"failed"} else "not_converged"
 
 
+def relax_settings(rels: list[dict[str, Any]]) -> str | None:
+    """The report's ``relax_settings``: JSON of the settings in the relaxations' keys (their ``settings`` less the
+    batch budget, which changes no result); the heads of one candidate share them (same settings, same engine),
+    otherwise they are given per relaxation key."""
+    found = {}
+    for r in rels:
+        if r.get("settings"):
+            settings = json.loads(r["settings"])
+            settings.pop("batch", None)
+            found[r["relax_key"]] = settings
+    if not found:
+        return None
+    distinct = {json.dumps(v, sort_keys=True) for v in found.values()}
+    return distinct.pop() if len(distinct) == 1 else json.dumps(found, sort_keys=True)
+
+
 def candidates_chemsys(rows: Iterable[Mapping[str, Any]]) -> str:
     """The chemical system spanned by candidate rows ('Al-Li'): the system of the reference hull they are
     screened against."""
@@ -344,9 +360,12 @@ def screen(
             "formula": row["formula"], "chemsys": row["chemsys"], "source": row["source"],
             "origin": row["origin"], "fidelity": out.get("fidelity") or "+".join(heads),
             "thermo_type": hull.thermo_type, "relax_status": _status(rels), "relax_steps": rels[0]["n_steps"],
+            "relax_key": "+".join(r["relax_key"] for r in rels), "relax_settings": relax_settings(rels),
             "e_hull_true": truth_e.get(cid), "structure": rels[0]["structure"],
             "meta": json.dumps({"relax": {h: {"status": r["status"], "steps": r["n_steps"], "wall_s": r["wall_s"],
-                                              "fmax": r["fmax"]} for h, r in zip(heads, rels, strict=True)},
+                                              "fmax": r["fmax"], "relax_key": r["relax_key"],
+                                              "batch": json.loads(r["settings"] or "{}").get("batch")}
+                                          for h, r in zip(heads, rels, strict=True)},
                                 **({"structure_r2scan": rels[1]["structure"]} if len(heads) == 2 else {}),
                                 "notes": notes}),
         })

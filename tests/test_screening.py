@@ -78,6 +78,35 @@ def test_screen_writes_report_with_both_hulls(world, tmp_path):
     assert len(list((tmp_path / "relaxations").glob("part-*.parquet"))) == n_parts
 
 
+def test_report_rows_carry_the_relaxation_key_and_settings(world, tmp_path):
+    """Each relaxed report row names the relaxation behind it (relax_key, as in the relaxations table) and the
+    settings in that key; a new --fmax gives new keys; a row that was never relaxed has neither."""
+    import pyarrow.dataset as ds
+
+    references, candidates, _truth, ckpt = world
+    files = screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", out_dir=tmp_path,
+                   relax=RelaxSettings(steps=7, fmax=0.07, max_atoms=64),
+                   candidate_rejects=[{"record_id": "broken.cif", "error": "no atoms"}])
+    report = {r["candidate_id"]: r for r in pq.read_table(files["report"]).to_pylist()}
+    stored = {(r["candidate_id"], r["relax_key"]): r
+              for r in ds.dataset(tmp_path / "relaxations", format="parquet").to_table().to_pylist()}
+    for cid in ("AlCu-B2", "Cu3Al-L12"):
+        row = report[cid]
+        rel = stored[(cid, row["relax_key"])]  # the key names exactly the stored relaxation
+        settings = json.loads(row["relax_settings"])
+        assert settings["fmax"] == 0.07 and settings["steps"] == 7 and settings["engine"] == "batched"
+        assert settings["dtype"] == "float32" and settings["filter"] == "FrechetCellFilter"
+        assert settings["symmetry"] is False and "batch" not in settings  # the budget changes no result
+        assert json.loads(rel["settings"])["batch"] == {"max_atoms": 64, "max_edges": None, "method": "given"}
+        assert json.loads(row["meta"])["relax"]["emt"]["relax_key"] == row["relax_key"]
+    assert report["broken.cif"]["relax_key"] is None and report["broken.cif"]["relax_settings"] is None
+    assert pq.read_schema(files["report"]).metadata[b"schema_version"] == b"3"
+    again = screen(candidates, references, checkpoint=ckpt, thermo_type="raw", fidelity="emt", out_dir=tmp_path,
+                   relax=RelaxSettings(steps=7, fmax=0.08, max_atoms=64))
+    new = {r["candidate_id"]: r for r in pq.read_table(again["report"]).to_pylist()}
+    assert all(new[c]["relax_key"] != report[c]["relax_key"] for c in ("AlCu-B2", "Cu3Al-L12"))
+
+
 def test_unknown_fidelity_is_an_error(world, tmp_path):
     references, candidates, _, ckpt = world
     with pytest.raises(Exception, match="emt"):
@@ -187,6 +216,8 @@ def test_mixed_thermo_type_with_both_heads(li_o, tmp_path):
     assert row["error"] is None and row["e_hull_pred_dft_hull"] is not None
     assert row["e_hull_pred_model_hull"] is not None
     assert set(json.loads(row["meta"])["relax"]) == {"pbe", "r2scan"}
+    keys = [json.loads(row["meta"])["relax"][h]["relax_key"] for h in ("pbe", "r2scan")]
+    assert row["relax_key"] == "+".join(keys) and keys[0] != keys[1]  # one key per head, in fidelity order
     prov = json.loads(files["summary_json"].read_text())["provenance"]
     assert prov["model_heads"] == ["pbe", "r2scan"] and prov["hull_scale"] == "pbe"
     assert "mp-1960-GGA" in prov["model_hull_phases"] and "mp-1960-R2SCAN" in prov["model_hull_phases"]

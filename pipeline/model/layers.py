@@ -322,22 +322,22 @@ class Convolution(nn.Module):
             out = self._messages(x, edge_sh, edge_radial, center, neighbor, x.shape[0])
         else:
             # each chunk sums onto the rows of its own centers only (a few rows when edges are sorted by
-            # center, as pipeline.graphs builds them), so per-chunk results stay small
-            parts, rows = [], []
+            # center, as pipeline.graphs builds them) and is added in place into one (nodes, width) tensor at
+            # once, so only one node-sized copy of the messages exists (not the chunks, their concatenation and
+            # the sum); index_add_ keeps only the row index for the backward pass
+            out = torch.zeros(x.shape[0], self.tp.to_mid.numel(), dtype=x.dtype, device=x.device)
             for start in range(0, n_edges, step):
                 sl = slice(start, start + step)
                 c = center[sl]
                 lo, hi = int(c.min()), int(c.max()) + 1
-                parts.append(torch.utils.checkpoint.checkpoint(
+                part = torch.utils.checkpoint.checkpoint(
                     self._messages, x, edge_sh[sl], edge_radial[sl], c - lo, neighbor[sl], hi - lo,
                     use_reentrant=False,
-                ))
-                rows.append(torch.arange(lo, hi, device=center.device))
-            stacked = torch.cat(parts)
-            out = torch.zeros(x.shape[0], stacked.shape[1], dtype=stacked.dtype, device=stacked.device)
-            out = out.index_add(0, torch.cat(rows), stacked)
-        # reorder columns on nodes (cheaper than on edges), then normalise
-        return out.index_select(1, self.tp.to_mid) / self.avg_num_neighbors
+                )
+                out[lo:hi] += part
+        # reorder columns on nodes (cheaper than on edges), then normalise in place (neither needs its output
+        # for the backward pass)
+        return out.index_select(1, self.tp.to_mid).div_(self.avg_num_neighbors)
 
 
 def _gate(irreps_out: o3.Irreps) -> e3nn_nn.Gate:

@@ -2,9 +2,9 @@
 (:mod:`pipeline.relax.fire`), autobatching under an atom/edge budget, neighbour lists with a skin.
 
 How a run goes: structures wait in a queue; the batch is filled up to ``max_atoms`` atoms and ``max_edges``
-neighbour pairs; one model call gives energy, forces and stress of the whole batch; a structure leaves the batch
-when it converges (filter fmax < ``fmax``), reaches ``steps`` or fails, and the next ones in the queue take its
-place. Neighbour lists (vesin, :func:`pipeline.graphs.neighbor_list`) are built with ``cutoff + skin`` and
+neighbour pairs (``max_atoms="auto"``: measured on the device first, :func:`resolve_budget`); one model call gives
+energy, forces and stress of the whole batch; a structure leaves the batch when it converges (filter fmax <
+``fmax``), reaches ``steps`` or fails, and the next ones in the queue take its place. Neighbour lists (vesin, :func:`pipeline.graphs.neighbor_list`) are built with ``cutoff + skin`` and
 rebuilt for a structure only when its atoms may have moved more than half a skin relative to each other (a
 bound that includes the cell change); every step keeps only the pairs inside the cutoff, so the model sees exactly
 the graph a fresh neighbour list would give.
@@ -17,6 +17,7 @@ time, so only the structures that break it fail.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from ase import Atoms
 
 from pipeline.graphs import Graph, neighbor_list
 from pipeline.model.potential import MFPotential
+from pipeline.relax.autobatch import BatchBudget, estimate_batch_budget
 from pipeline.relax.fire import (
     FireParams,
     FireState,
@@ -42,7 +44,7 @@ from pipeline.relax.guards import GuardError, check_guards
 from pipeline.relax.settings import DEFAULT_SETTINGS, RelaxSettings
 from pipeline.relax.symmetry import SymmetryOps, symmetry_ops
 
-__all__ = ["RelaxResult", "relax_batched"]
+__all__ = ["RelaxResult", "relax_batched", "resolve_budget"]
 
 
 @dataclass
@@ -172,6 +174,18 @@ def _init_state(job: _Job, dtype: torch.dtype, device: torch.device, params: Fir
     return fire_init(pos, cell, batch, torch.tensor([job.relax_cell], device=device), params)
 
 
+def resolve_budget(structures: Sequence[Atoms], model: MFPotential, fidelity: int,
+                   opts: RelaxSettings) -> tuple[RelaxSettings, BatchBudget | None]:
+    """``opts`` with a numeric batch budget: ``max_atoms="auto"`` is replaced by the budget measured for these
+    structures on the model's device (and ``max_edges`` by the measured edge budget unless one is set); the
+    measurement is returned with it (None when the budget was given)."""
+    if opts.max_atoms != "auto":
+        return opts, None
+    budget = estimate_batch_budget(structures, model, fidelity)
+    max_edges = opts.max_edges if opts.max_edges is not None else budget.max_edges
+    return dataclasses.replace(opts, max_atoms=budget.max_atoms, max_edges=max_edges), budget
+
+
 def relax_batched(
     structures: Sequence[Atoms],
     model: MFPotential,
@@ -210,7 +224,9 @@ def _run(structures, model, fidelity, opts, dtype, device, on_progress) -> Itera
             queue.append(_prepare(index, atoms, model, opts))
         except Exception as exc:  # noqa: BLE001 - a bad structure is a failed result, the rest carry on
             yield done(RelaxResult(index, "failed", error=f"{type(exc).__name__}: {exc}"))
-    max_edges = opts.max_edges if opts.max_edges is not None else None
+    if queue:
+        opts, _ = resolve_budget([j.atoms for j in queue], model, fidelity, opts)
+    max_edges = opts.max_edges
     jobs: list[_Job] = []
     state: FireState | None = None
     while queue or jobs:

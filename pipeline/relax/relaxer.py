@@ -29,7 +29,7 @@ from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from pipeline.progress import progress
-from pipeline.relax.batched import RelaxResult, relax_batched
+from pipeline.relax.batched import RelaxResult, relax_batched, resolve_budget
 from pipeline.relax.calculator import MFPotentialCalculator
 from pipeline.relax.guards import check_guards
 from pipeline.relax.settings import DEFAULT_SETTINGS, RelaxSettings
@@ -38,7 +38,7 @@ from pipeline.schema import RELAXATIONS_SCHEMA
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZERS", "RelaxSettings", "relax_many", "relax_structure", "resolve_engine"]
+__all__ = ["OPTIMIZERS", "RelaxSettings", "model_dtype", "relax_many", "relax_structure", "resolve_engine"]
 
 OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
 
@@ -58,6 +58,13 @@ def resolve_engine(calculator: Calculator, settings: RelaxSettings) -> str:
         raise ValueError(f"engine 'batched' needs an MFPotentialCalculator and FIRE, got "
                          f"{type(calculator).__name__} and {settings.optimizer}; use engine='ase'")
     return "batched" if settings.engine == "batched" or (settings.engine == "auto" and batchable) else "ase"
+
+
+def model_dtype(calculator: Calculator) -> str | None:
+    """'float32' / 'float64' for an mfhull calculator (the dtype its model runs in), else None."""
+    if isinstance(calculator, MFPotentialCalculator):
+        return str(calculator.model.shift.dtype).removeprefix("torch.")
+    return None
 
 
 def _base_row(candidate_id: str, structure: Structure | Atoms, *, model_id: str, fidelity: str,
@@ -140,8 +147,9 @@ def relax_structure(
     row = _base_row(candidate_id, structure, model_id=model_id, fidelity=fidelity, model_fidelity=model_fidelity,
                     role=role)
     atoms = _to_atoms(structure)
-    row["settings"] = json.dumps(settings.result_settings("ase"), sort_keys=True)
-    row["relax_key"] = relax_key(atoms, model_id, model_fidelity or fidelity, settings.result_settings("ase"))
+    used = settings.result_settings("ase", model_dtype(calculator))
+    row["settings"] = json.dumps(used, sort_keys=True)
+    row["relax_key"] = relax_key(atoms, model_id, model_fidelity or fidelity, used)
     if row["error"] is not None:
         row["wall_s"] = time.perf_counter() - start
         return row
@@ -170,7 +178,7 @@ def relax_many(
     stored under the same content key are reused and new rows are written in batches."""
     calc = calculator() if callable(calculator) and not isinstance(calculator, Calculator) else calculator
     engine = resolve_engine(calc, settings)
-    used = settings.result_settings(engine)
+    used = settings.result_settings(engine, model_dtype(calc))
     settings_json = json.dumps(used, sort_keys=True)
     mfid = model_fidelity or fidelity
     store = RelaxationStore(out) if out is not None else None
@@ -190,11 +198,20 @@ def relax_many(
             todo.append((len(rows) - 1, atoms))
         elif store is not None:
             store.add([row])
+    run_settings = settings
+    if engine == "batched" and todo:
+        assert isinstance(calc, MFPotentialCalculator)
+        run_settings, budget = resolve_budget([a for _, a in todo], calc.model, calc.fidelity_idx, settings)
+        batch = budget.as_dict() if budget is not None else {
+            "max_atoms": settings.max_atoms, "max_edges": settings.max_edges, "method": "given"}
+        with_batch = json.dumps({**used, "batch": batch}, sort_keys=True)  # recorded, not part of the key
+        for k, _ in todo:
+            rows[k]["settings"] = with_batch
     bar = progress(total=len(todo), desc=f"relax ({engine})", unit="structure")
     try:
         if engine == "batched":
             assert isinstance(calc, MFPotentialCalculator)
-            results = relax_batched([a for _, a in todo], calc.model, calc.fidelity_idx, settings,
+            results = relax_batched([a for _, a in todo], calc.model, calc.fidelity_idx, run_settings,
                                     on_progress=bar.update)
             for result in results:
                 k = todo[result.index][0]

@@ -24,7 +24,9 @@ class RelaxSettings:
 
     engine: 'batched' (:mod:`pipeline.relax.batched`, FIRE only, needs an mfhull potential), 'ase' (the reference
     path: one structure at a time through an ASE calculator) or 'auto' (batched when possible).
-    max_atoms / max_edges: batch budget of the batched relaxer; skin (A): neighbour-list skin.
+    max_atoms / max_edges: batch budget of the batched relaxer; ``max_atoms="auto"`` (default) measures it on the
+    device (:mod:`pipeline.relax.autobatch`: the peak memory of probe calls against the free memory; on CPU at
+    most 512 atoms), and then ``max_edges``, when given, still applies. skin (A): neighbour-list skin.
     max_force (eV/A), volume_range (x initial volume): guards that stop a run as failed.
     symmetry: keep the starting space group (spglib, as ASE's FixSymmetry at ``symprec``)."""
 
@@ -33,7 +35,7 @@ class RelaxSettings:
     optimizer: str = "FIRE"
     relax_cell: bool = True
     engine: str = "auto"
-    max_atoms: int = 512
+    max_atoms: int | str = "auto"
     max_edges: int | None = None
     skin: float = 1.0
     max_force: float = 1.0e3
@@ -51,17 +53,23 @@ class RelaxSettings:
             raise ValueError(f"the batched engine runs FIRE only, not {self.optimizer}; use engine='ase'")
         if not self.fmax > 0 or self.steps < 0:
             raise ValueError(f"need fmax > 0 and steps >= 0, got fmax={self.fmax}, steps={self.steps}")
-        if self.max_atoms < 1:
-            raise ValueError(f"max_atoms must be >= 1, got {self.max_atoms}")
+        if self.max_atoms != "auto" and (isinstance(self.max_atoms, (str, bool)) or not self.max_atoms >= 1):
+            raise ValueError(f"max_atoms must be 'auto' or an integer >= 1, got {self.max_atoms!r}")
+        if self.max_edges is not None and not self.max_edges >= 1:
+            raise ValueError(f"max_edges must be None or an integer >= 1, got {self.max_edges!r}")
         low, high = self.volume_range
         if not 0 < low < 1 < high:
             raise ValueError(f"volume_range must satisfy 0 < low < 1 < high, got {self.volume_range}")
 
-    def result_settings(self, engine: str) -> dict[str, Any]:
-        """The settings that can change a result (with the engine actually used), for keys and tables."""
+    def result_settings(self, engine: str, dtype: str | None = None) -> dict[str, Any]:
+        """The settings that can change a result, for keys and tables: these fields, the engine actually used,
+        the cell filter ('FrechetCellFilter' or 'none') and the floating-point type the model ran in
+        (``dtype``, e.g. 'float32'; None for a calculator that does not say)."""
         out = {k: v for k, v in asdict(self).items() if k not in _PERFORMANCE_ONLY}
         out["engine"] = engine
         out["volume_range"] = list(self.volume_range)
+        out["filter"] = "FrechetCellFilter" if self.relax_cell else "none"
+        out["dtype"] = dtype
         return out
 
 
