@@ -198,7 +198,7 @@ def demo_seeds(data: Path, out: Path, seeds: list[int]) -> None:
     for k in keys:
         vals = [r.get(k) for r in rows]
         print(f"| {k} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in vals) + f" | {_ms(vals)} |")
-    print(f"| train s | " + " | ".join(f"{r['train_s']:.0f}" for r in rows) + " | |")
+    print("| train s | " + " | ".join(f"{r['train_s']:.0f}" for r in rows) + " | |")
 
 
 def _ms(values: list[float]) -> str:
