@@ -50,16 +50,38 @@ from pipeline.train.strategies import STRATEGIES, errors, predict, run_strategy
 DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
 
 
-def subset(frames: pa.Table, high: str, fraction: float, seed: int) -> pa.Table:
-    """All non-high frames + the high frames of a random ``fraction`` of the high-labelled structures."""
+def subset(frames: pa.Table, high: str, fraction: float, seed: int, cover: bool = False) -> pa.Table:
+    """All non-high frames + the high frames of a random ``fraction`` of the high-labelled structures.
+
+    ``cover``: the kept structures include every element of the high-labelled training frames (taken first, in
+    the seed's random order, one structure per still-missing element; then the rest in that order), so that no
+    element's high-fidelity offset must be guessed; the count can then exceed ``fraction``."""
     rows = frames.to_pylist()
-    keys = sorted({structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) for r in rows
-                   if r["fidelity"] == high})
+    elements: dict[str, set[int]] = {}
+    for r in rows:
+        if r["fidelity"] == high:
+            elements.setdefault(structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]),
+                                set()).update(r["numbers"])
+    keys = sorted(elements)
     n_keep = max(1, math.ceil(fraction * len(keys) - 1e-9))
-    keep = set(np.random.default_rng(1000 + seed).permutation(keys)[:n_keep].tolist())
+    order = np.random.default_rng(1000 + seed).permutation(keys).tolist()
+    first: list[str] = []
+    if cover:
+        missing = set().union(*elements.values())
+        for k in order:
+            if elements[k] & missing:
+                first.append(k)
+                missing -= elements[k]
+    keep = set(first + [k for k in order if k not in first][:max(0, n_keep - len(first))])
     mask = [r["fidelity"] != high or structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) in keep
             for r in rows]
     return frames.filter(pa.array(mask))
+
+
+def _key(r: dict) -> tuple:
+    """What makes a result row: a re-run skips rows with this key."""
+    return (r["strategy"], r["fraction"], r["seed"], r["steps"], r["preset"], r["data_hash"],
+            r.get("subset", "random"))
 
 
 def shifted(pred_train: list[dict], train_high: pa.Table, pred_test: list[dict], test: pa.Table) -> list[dict]:
@@ -84,6 +106,9 @@ def main() -> None:
     ap.add_argument("--mf0-steps", type=int, default=None, help="step budget of finetune-mf0 (default --steps)")
     ap.add_argument("--full", action="store_true", help="also finetune-mf0")
     ap.add_argument("--no-floors", action="store_true")
+    ap.add_argument("--cover-elements", action="store_true",
+                    help="kept high-fidelity structures include every element (see subset()); rows are marked "
+                         "subset=cover and tabled apart from the random subsets")
     ap.add_argument("--out", default="reports/mf_strategies")
     ap.add_argument("--table-only", action="store_true", help="print the table of results.jsonl and exit")
     ap.add_argument("--demo-seeds", default=None,
@@ -107,16 +132,17 @@ def main() -> None:
     if "finetune-mf0" in strategies and not args.mf0:
         raise SystemExit("finetune-mf0 needs --mf0 (python -m pipeline.cli import-sevenn --out reports/mf0.pt)")
     fractions = [float(x) / 100 for x in args.fractions.split(",")]
+    mode = "cover" if args.cover_elements else "random"
     seeds = [int(x) for x in args.seeds.split(",")]
     results_path = out / "results.jsonl"
     done = {}
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
-            done[(r["strategy"], r["fraction"], r["seed"], r["steps"], r["preset"], r["data_hash"])] = r
+            done[_key(r)] = r
 
     def record(row: dict) -> None:
-        done[(row["strategy"], row["fraction"], row["seed"], row["steps"], row["preset"], row["data_hash"])] = row
+        done[_key(row)] = row
         with results_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -126,15 +152,15 @@ def main() -> None:
     mf0_train_cache: dict[str, dict] = {}
     todo = [] if args.table_only else [(f, s) for f in fractions for s in seeds]
     for fraction, seed in todo:
-        sub = subset(frames, args.high, fraction, seed)
+        sub = subset(frames, args.high, fraction, seed, cover=args.cover_elements)
         train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
-        base = {"fraction": fraction, "seed": seed, "preset": args.preset, "data_hash": data_hash,
+        base = {"fraction": fraction, "seed": seed, "preset": args.preset, "data_hash": data_hash, "subset": mode,
                 "n_high": train_high.num_rows, "n_low": sub.num_rows - train_high.num_rows, "n_test": test.num_rows}
         cfg = TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0, seed=seed)
         run_dir = out / "runs" / f"p{round(100 * fraction)}-s{seed}"
         for strategy in strategies:
             steps = args.mf0_steps or args.steps if strategy == "finetune-mf0" else args.steps
-            if (strategy, fraction, seed, steps, args.preset, data_hash) in done:
+            if (strategy, fraction, seed, steps, args.preset, data_hash, mode) in done:
                 continue
             t0 = time.perf_counter()
             res = run_strategy(strategy, sub, preset(args.preset), cfg, run_dir / strategy, high=args.high,
@@ -147,7 +173,7 @@ def main() -> None:
                     "train_s": res.wall_s, "total_s": time.perf_counter() - t0})
         if args.no_floors:
             continue
-        if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash) not in done:
+        if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash, mode) not in done:
             t0 = time.perf_counter()
             low_only = sub.filter(pc.equal(sub.column("fidelity"), args.low))
             res = train(low_only, preset(args.preset), TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0,
@@ -156,7 +182,7 @@ def main() -> None:
             preds = shifted(predict(terms, train_high), train_high, predict(terms, test), test)
             record({**base, "strategy": "pbe+shift", "steps": res.steps, **errors(preds, test),
                     "train_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
-        if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash) not in done:
+        if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash, mode) not in done:
             missing = [r for r in train_high.column("frame_id").to_pylist() if r not in mf0_train_cache]
             if missing:
                 miss = train_high.filter(pc.is_in(train_high.column("frame_id"), value_set=pa.array(missing)))
@@ -213,8 +239,9 @@ def _ms(values: list[float]) -> str:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds)."""
-    rows = [r for r in rows if r["preset"] == args.preset and (r["steps"] in (0, args.steps)
-                                                              or r["strategy"] == "finetune-mf0")]
+    mode = "cover" if getattr(args, "cover_elements", False) else "random"
+    rows = [r for r in rows if r["preset"] == args.preset and r.get("subset", "random") == mode
+            and (r["steps"] in (0, args.steps) or r["strategy"] == "finetune-mf0")]
     fractions = sorted({r["fraction"] for r in rows})
     names = [s for s in [*STRATEGIES, "pbe+shift", "mf0+shift"] if any(r["strategy"] == s for r in rows)]
     print(f"\nheld-out {args.high}: energy MAE meV/atom | force MAE meV/A | train s; mean ± std over seeds (n)")
