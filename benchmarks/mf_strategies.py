@@ -239,7 +239,7 @@ def _ms(values: list[float]) -> str:
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds)."""
-    mode = "cover" if getattr(args, "cover_elements", False) else "random"
+    mode = "cover" if args.cover_elements else "random"
     rows = [r for r in rows if r["preset"] == args.preset and r.get("subset", "random") == mode
             and (r["steps"] in (0, args.steps) or r["strategy"] == "finetune-mf0")]
     fractions = sorted({r["fraction"] for r in rows})

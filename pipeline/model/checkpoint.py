@@ -50,13 +50,17 @@ def save_checkpoint(model: MFPotential | SumPotential, path: str | os.PathLike[s
     return Path(path)
 
 
+def _check_version(data: dict[str, Any], where: str) -> None:
+    version = int(data.get("version", 0))
+    if version > CHECKPOINT_VERSION:
+        raise ValueError(f"{where}: checkpoint version {version} is newer than supported ({CHECKPOINT_VERSION})")
+
+
 def _potential(data: Any, where: str) -> MFPotential:
     """The MFPotential of one ``mfhull-potential`` checkpoint dict (stored dtype, CPU)."""
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{where} is not an mfhull potential checkpoint")
-    version = int(data.get("version", 0))
-    if version > CHECKPOINT_VERSION:
-        raise ValueError(f"{where}: checkpoint version {version} is newer than supported ({CHECKPOINT_VERSION})")
+    _check_version(data, where)
     config = ModelConfig.from_dict(data["config"])
     model = MFPotential(config)
     stored_dtype = getattr(torch, data.get("dtype", "float32"))
@@ -78,16 +82,12 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {path}")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, dict) and data.get("format") == SUM_FORMAT:
-        if int(data.get("version", 0)) > CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: checkpoint version {data.get('version')} is newer than supported "
-                             f"({CHECKPOINT_VERSION})")
+        _check_version(data, str(path))
         terms = [(_potential(t.get("checkpoint"), f"{path} term {i}"), str(t.get("fidelity")))
                  for i, t in enumerate(data.get("terms") or [])]
         model: MFPotential | SumPotential = SumPotential(terms, data.get("name", "sum"))
-        stored_dtype = terms[0][0].shift.dtype if terms else torch.float32
     else:
         model = _potential(data, str(path))
-        stored_dtype = model.shift.dtype
-    model = model.to(device=device, dtype=dtype or stored_dtype)
+    model = model.to(device=device, dtype=dtype or model.shift.dtype)
     model.eval()
     return model

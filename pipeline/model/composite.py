@@ -73,11 +73,9 @@ class SumPotential(nn.Module):
 
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         """Each term's species index check (UnknownElementError naming the element a term lacks)."""
-        out = None
-        for m in self.models:
-            idx = m.species_index(numbers)
-            out = idx if out is None else out
-        return out
+        for m in self.models[1:]:
+            m.species_index(numbers)
+        return self.models[0].species_index(numbers)
 
     @property
     def terms(self) -> list[tuple[MFPotential, str]]:

@@ -221,14 +221,16 @@ def fit_element_references(
     a, y = np.asarray(rows), np.asarray(rhs)
     coef, *_ = np.linalg.lstsq(a, y, rcond=None)
     b = coef[:ne]
-    base_seen = np.sum([x_all[k] for k in np.flatnonzero(labelled & (fids == base))], axis=0)[present] > 0
-    refs.energies[base] = {chemical_symbols[z]: float(v) for z, v, s in zip(present, b, base_seen) if s}
+    def seen(fid: str) -> np.ndarray:
+        """Per present element: does a labelled structure of ``fid`` contain it?"""
+        return np.sum([x_all[k] for k in np.flatnonzero(labelled & (fids == fid))], axis=0)[present] > 0
+
+    refs.energies[base] = {chemical_symbols[z]: float(v) for z, v, s in zip(present, b, seen(base)) if s}
     for f in others:
         c = col_d[f]
         ref_f = b + coef[c] + coef[c + 1:c + 1 + ne]
         refs.energies[f] = {chemical_symbols[z]: float(v) for z, v in zip(present, ref_f)}
-        seen = np.sum([x_all[k] for k in np.flatnonzero(labelled & (fids == f))], axis=0)[present] > 0
-        unseen = [chemical_symbols[z] for z, s in zip(present, seen) if not s]
+        unseen = [chemical_symbols[z] for z, s in zip(present, seen(f)) if not s]
         if unseen:
             els = ", ".join(unseen)
             log.warning("fidelity %s: no energy label on any structure containing %s; the %s reference is the %s one "

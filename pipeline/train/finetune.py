@@ -13,7 +13,7 @@ fresh initialisation.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -57,14 +57,23 @@ def _copy_blocks(new_mod: nn.Module, old_mod: nn.Module) -> None:
             v_new[sl] = v_old[sl] * (ins_old.path_weight / ins_new.path_weight)
 
 
+def _fidelity_row_views(mod: FidelityLinear) -> Iterator[torch.Tensor]:
+    """The weight views of a fidelity-conditioned linear whose first axis is the fidelity one-hot (row ``k`` =
+    what fidelity ``k`` adds); none for a plain linear."""
+    if not mod.num_fidelities:
+        return
+    fid_in = len(mod.irreps_in)  # the one-hot is the last input irrep
+    for _, ins, view in mod.linear.weight_views(yield_instruction=True):
+        if ins.i_in == fid_in:
+            yield view
+
+
 def _copy_fidelity_rows(new_mod: FidelityLinear, source_rows: Mapping[int, int]) -> None:
     """In a fidelity-conditioned linear, new fidelity row ``k`` := row ``source_rows[k]``."""
-    fid_in = len(new_mod.irreps_in)  # the one-hot is the last input irrep
     with torch.no_grad():
-        for _, ins, view in new_mod.linear.weight_views(yield_instruction=True):
-            if ins.i_in == fid_in:
-                for k, src in source_rows.items():
-                    view[k] = view[src]
+        for view in _fidelity_row_views(new_mod):
+            for k, src in source_rows.items():
+                view[k] = view[src]
 
 
 def fit_shift(numbers: Sequence[Sequence[int]], predicted: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
@@ -190,16 +199,13 @@ def fidelity_gap_penalty(model: MFPotential) -> torch.Tensor:
     the ridge prior of :mod:`pipeline.model.references`): a fidelity with a handful of labels moves its rows only
     as far as its data pay for, while the plentiful fidelity, anchored by its data, barely moves. Zero for a
     model with one fidelity. Written here because no library has a notion of fidelity rows in e3nn linears."""
-    total = None
+    total = model.shift.new_zeros(())
     for mod in model.modules():
         if isinstance(mod, FidelityLinear) and mod.num_fidelities > 1:
-            fid_in = len(mod.irreps_in)  # the one-hot is the last input irrep
-            for _, ins, view in mod.linear.weight_views(yield_instruction=True):
-                if ins.i_in == fid_in:
-                    rows = view.reshape(view.shape[0], -1)
-                    term = (rows - rows.mean(dim=0, keepdim=True)).pow(2).sum()
-                    total = term if total is None else total + term
-    return total if total is not None else model.shift.new_zeros(())
+            for view in _fidelity_row_views(mod):
+                rows = view.reshape(view.shape[0], -1)
+                total = total + (rows - rows.mean(dim=0, keepdim=True)).pow(2).sum()
+    return total
 
 
 def freeze(model: MFPotential, mode: str) -> list[str]:
