@@ -8,7 +8,8 @@ Data: ``<data>/frames`` (training; both fidelities) and ``<data>/test_frames`` (
 are the test set). Fraction p: share of the training structures labelled at ``--high`` that keep that label
 (at least one; chosen per seed, the same subset for every strategy); low-fidelity frames are all kept.
 Every strategy gets ``--steps`` optimizer steps in all (:mod:`pipeline.train.strategies`), model preset
-``--preset`` (default ``mf-bench``: 32 channels, lmax 2, 3 layers), batch 8, Adam 5e-3 with cosine decay.
+``--preset`` (default ``mf-bench``: 32 channels, lmax 2, 3 layers), batch 8, Adam 5e-3 with cosine decay;
+``finetune-mf0`` gets ``--mf0-steps`` steps at ``--mf0-lr`` (default 2e-4, SevenNet's own fine-tuning recipe).
 
 Floors, same subsets: ``pbe+shift`` = a model trained on the low fidelity only (``--steps`` steps) plus a
 per-element shift fitted on the kept high-fidelity energies (the joint reference fit of
@@ -19,12 +20,14 @@ per-element shift fitted on the kept high-fidelity energies (the joint reference
 Results are appended to ``<out>/results.jsonl`` (one line per run, keyed by strategy, fraction, seed, steps,
 preset and data hash): re-running skips what is done, so the grid can grow across sessions. The default grid
 (6 strategies + floors, 4 fractions, 3 seeds, 100 steps) is sized for ~45 min on a quiet 2-core machine;
-``--full`` adds ``finetune-mf0`` (needs ``--mf0``; ~0.3 structures/s here, so give it a GPU or patience).
+``--full`` adds ``finetune-mf0`` (needs ``--mf0``; on data/sisn 100 steps of batch 8 took 26-45 s here, one
+thread, load ~3).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,10 +47,15 @@ from pipeline.io import read_table
 from pipeline.model import UnknownElementError, load_checkpoint, preset
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import TrainConfig, train
-from pipeline.train.finetune import apply_shift, fit_shift
+from pipeline.train.finetune import FINETUNE_LR, apply_shift, fit_shift
 from pipeline.train.strategies import STRATEGIES, errors, predict, run_strategy
 
 DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
+
+#: Adam learning rate of every strategy trained from scratch (cosine decay)
+LR = 5e-3
+#: learning rate of ``finetune-mf0``: the CLI's fine-tuning default (SevenNet's recipe, see FINETUNE_LR)
+MF0_LR = FINETUNE_LR
 
 
 def subset(frames: pa.Table, high: str, fraction: float, seed: int, cover: bool = False) -> pa.Table:
@@ -81,7 +89,7 @@ def subset(frames: pa.Table, high: str, fraction: float, seed: int, cover: bool 
 def _key(r: dict) -> tuple:
     """What makes a result row: a re-run skips rows with this key."""
     return (r["strategy"], r["fraction"], r["seed"], r["steps"], r["preset"], r["data_hash"],
-            r.get("subset", "random"))
+            r.get("subset", "random"), r.get("lr", LR))
 
 
 def shifted(pred_train: list[dict], train_high: pa.Table, pred_test: list[dict], test: pa.Table) -> list[dict]:
@@ -104,6 +112,8 @@ def main() -> None:
     ap.add_argument("--preset", default="mf-bench")
     ap.add_argument("--mf0", default=None, help="imported SevenNet-MF-0 checkpoint (mf0+shift floor, finetune-mf0)")
     ap.add_argument("--mf0-steps", type=int, default=None, help="step budget of finetune-mf0 (default --steps)")
+    ap.add_argument("--mf0-lr", type=float, default=MF0_LR,
+                    help=f"learning rate of finetune-mf0 (default {MF0_LR:g}, SevenNet's MF fine-tuning preset)")
     ap.add_argument("--full", action="store_true", help="also finetune-mf0")
     ap.add_argument("--no-floors", action="store_true")
     ap.add_argument("--cover-elements", action="store_true",
@@ -156,33 +166,35 @@ def main() -> None:
         train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
         base = {"fraction": fraction, "seed": seed, "preset": args.preset, "data_hash": data_hash, "subset": mode,
                 "n_high": train_high.num_rows, "n_low": sub.num_rows - train_high.num_rows, "n_test": test.num_rows}
-        cfg = TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0, seed=seed)
+        cfg = TrainConfig(batch_size=8, lr=LR, val_fraction=0.0, seed=seed)
         run_dir = out / "runs" / f"p{round(100 * fraction)}-s{seed}"
         for strategy in strategies:
-            steps = args.mf0_steps or args.steps if strategy == "finetune-mf0" else args.steps
-            if (strategy, fraction, seed, steps, args.preset, data_hash, mode) in done:
+            ft = strategy == "finetune-mf0"
+            steps, lr = (args.mf0_steps or args.steps, args.mf0_lr) if ft else (args.steps, LR)
+            if (strategy, fraction, seed, steps, args.preset, data_hash, mode, lr) in done:
                 continue
             t0 = time.perf_counter()
-            res = run_strategy(strategy, sub, preset(args.preset), cfg, run_dir / strategy, high=args.high,
+            res = run_strategy(strategy, sub, preset(args.preset), dataclasses.replace(cfg, lr=lr),
+                               run_dir / (f"{strategy}-lr{lr:g}" if ft else strategy), high=args.high,
                                low=args.low, steps=steps, init_from=args.mf0)
             try:
                 err = errors(predict(res.terms, test), test)
             except UnknownElementError as exc:  # e.g. `single` trained on kept r2SCAN structures of one element
                 err = {"energy_mae_meV_atom": math.nan, "forces_mae_meV_A": math.nan, "error": str(exc)}
-            record({**base, "strategy": strategy, "steps": res.steps, **err,
+            record({**base, "strategy": strategy, "steps": res.steps, "lr": lr, **err,
                     "train_s": res.wall_s, "total_s": time.perf_counter() - t0})
         if args.no_floors:
             continue
-        if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash, mode) not in done:
+        if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash, mode, LR) not in done:
             t0 = time.perf_counter()
             low_only = sub.filter(pc.equal(sub.column("fidelity"), args.low))
-            res = train(low_only, preset(args.preset), TrainConfig(batch_size=8, lr=5e-3, val_fraction=0.0,
+            res = train(low_only, preset(args.preset), TrainConfig(batch_size=8, lr=LR, val_fraction=0.0,
                         seed=seed, max_steps=args.steps), run_dir / "pbe-only", resume=False)
             terms = [(res.model, args.low)]
             preds = shifted(predict(terms, train_high), train_high, predict(terms, test), test)
             record({**base, "strategy": "pbe+shift", "steps": res.steps, **errors(preds, test),
                     "train_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
-        if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash, mode) not in done:
+        if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash, mode, LR) not in done:
             missing = [r for r in train_high.column("frame_id").to_pylist() if r not in mf0_train_cache]
             if missing:
                 miss = train_high.filter(pc.is_in(train_high.column("frame_id"), value_set=pa.array(missing)))
@@ -241,7 +253,8 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds)."""
     mode = "cover" if args.cover_elements else "random"
     rows = [r for r in rows if r["preset"] == args.preset and r.get("subset", "random") == mode
-            and (r["steps"] in (0, args.steps) or r["strategy"] == "finetune-mf0")]
+            and (r["steps"] in (0, args.steps) if r["strategy"] != "finetune-mf0"
+                 else (r["steps"], r.get("lr", LR)) == (args.mf0_steps or args.steps, args.mf0_lr))]
     fractions = sorted({r["fraction"] for r in rows})
     names = [s for s in [*STRATEGIES, "pbe+shift", "mf0+shift"] if any(r["strategy"] == s for r in rows)]
     print(f"\nheld-out {args.high}: energy MAE meV/atom | force MAE meV/A | train s; mean ± std over seeds (n)")

@@ -123,9 +123,13 @@ def _labels(text: str) -> tuple[str, ...]:
 
 def train_config_from_args(args: argparse.Namespace):
     from pipeline.train import LossWeights, TrainConfig
+    from pipeline.train.finetune import FINETUNE_LR
 
+    lr = args.lr
+    if lr is None:
+        lr = FINETUNE_LR if args.init_from or getattr(args, "strategy", None) == "finetune-mf0" else 5e-3
     return TrainConfig(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
         device=args.device, label_policy=_parse_pairs(args.labels, "--labels", _labels, expected="FIDELITY=label[,label...]") or None, val_fraction=args.val_fraction,
         loss=args.loss, huber_delta=args.huber_delta, ema_decay=args.ema_decay, warmup_steps=args.warmup_steps,
         scheduler=args.scheduler, patience=args.patience, target_fidelity=args.target_fidelity,
@@ -443,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps in all (overrides --epochs)")
     p.add_argument("--batch-size", type=int_range(1, 100_000), default=8,
                    help="structures per batch (>= 1; default: 8)")
-    p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=5e-3,
-                   help="learning rate of Adam (> 0; default: 5e-3)")
+    p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
+                   help="learning rate of Adam (> 0; default: 5e-3, or 2e-4 with --init-from or --strategy "
+                        "finetune-mf0, SevenNet's fine-tuning recipe)")
     p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (0 .. 2^32-1; default: 0)")
     p.add_argument("--val-fraction", type=float_range(0, 1, high_open=True), default=0.1,
                    help="fraction of structures held out for validation, in [0, 1) (default: 0.1)")

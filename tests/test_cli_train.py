@@ -52,3 +52,17 @@ def test_strategy_and_evaluate(frames_dir, tmp_path, capsys):
     assert set(json.loads(capsys.readouterr().out)) >= {"hi/forces_mae_meV_A"}  # lo labels read at the hi head
     assert main(["evaluate", "--checkpoint", ckpt, "--frames", str(frames_dir), "--fidelity", "r2scan"]) == 2
     assert "unknown fidelity 'r2scan'" in capsys.readouterr().err
+
+
+def test_fine_tuning_defaults_to_sevenn_fine_tuning_lr(frames_dir, tmp_path):
+    """Without --lr, training from scratch uses 5e-3 and fine-tuning (--init-from, or --strategy finetune-mf0)
+    SevenNet's fine-tuning rate; an explicit --lr always wins."""
+    from pipeline.cli import build_parser, train_config_from_args
+    from pipeline.train.finetune import FINETUNE_LR
+
+    parser = build_parser()
+    base = ["train", "--frames", str(frames_dir), "--out", str(tmp_path)]
+    assert train_config_from_args(parser.parse_args(base)).lr == 5e-3
+    assert train_config_from_args(parser.parse_args([*base, "--init-from", "c.pt"])).lr == FINETUNE_LR == 2e-4
+    assert train_config_from_args(parser.parse_args([*base, "--strategy", "finetune-mf0"])).lr == FINETUNE_LR
+    assert train_config_from_args(parser.parse_args([*base, "--init-from", "c.pt", "--lr", "1e-3"])).lr == 1e-3

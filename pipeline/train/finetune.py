@@ -25,10 +25,15 @@ from pipeline.model.layers import FidelityLinear
 from pipeline.model.potential import MFPotential
 from pipeline.model.references import ElementReferences, fit_element_references
 
-__all__ = ["FREEZE_MODES", "apply_shift", "expand_model", "fit_shift", "freeze", "parse_new_fidelities", "source_offsets", "tie_fidelity_rows"]
+__all__ = ["FINETUNE_LR", "FREEZE_MODES", "apply_shift", "expand_model", "fit_shift", "freeze", "parse_new_fidelities", "source_offsets", "tie_fidelity_rows"]
 
 #: 'none': train everything; 'fidelity': only the fidelity-conditioned linears and the readout
 FREEZE_MODES = ("none", "fidelity")
+
+#: learning rate for fine-tuning a pretrained checkpoint when none is given: SevenNet's own recipe for its
+#: multi-fidelity models (``sevenn/presets/mf_ompa_fine_tune.yaml``: AdamW, lr 2e-4, batch 8). The from-scratch
+#: default (5e-3) moves a pretrained model far from where it started within a few steps.
+FINETUNE_LR = 2e-4
 
 
 def parse_new_fidelities(items: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
