@@ -72,8 +72,10 @@ def _loop(args_d: dict, seed: int, strategy: str, init: list[str], bases: list[s
     pool, oracle = _pool(args_d["pool"])
     cfg = LoopConfig(rounds=args_d["rounds"], budget=args_d["budget"], ensemble=args_d["ensemble"],
                      strategy=strategy, seed=seed, steps=args_d["steps"], base_steps=args_d["base_steps"],
-                     lr=args_d["lr"], predictor=args_d["predictor"], initial=tuple(init), init_from=tuple(bases))
-    out = Path(args_d["out"]) / f"{strategy}-s{seed}"
+                     lr=args_d["lr"], predictor=args_d["predictor"], initial=tuple(init), init_from=tuple(bases),
+                     finetune_from=args_d["finetune_from"], fidelity_prior=args_d["fidelity_prior"],
+                     residual=args_d["residual"], samples=args_d["samples"])
+    out = Path(args_d["out"]) / f"{args_d['tag']}{strategy}-s{seed}"
     t0 = time.perf_counter()
     Loop(pool, oracle, cfg, out, truth=oracle.truth()).run()
     (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -87,9 +89,10 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pool, _ = _pool(args.pool)
     args_d = {k: getattr(args, k) for k in ("pool", "out", "rounds", "budget", "ensemble", "steps", "base_steps",
-                                            "lr", "predictor")}
+                                            "lr", "predictor", "finetune_from", "fidelity_prior", "tag",
+                                            "residual", "samples")}
     inits = {s: initial_set(pool, args.initial_random, s) for s in args.seeds}
-    (out / "setup.json").write_text(json.dumps({"args": args_d, "seeds": args.seeds, "initial": inits,
+    (out / f"{args.tag}setup.json").write_text(json.dumps({"args": args_d, "seeds": args.seeds, "initial": inits,
                                                 "pool": pool.describe()}, indent=1, default=str))
     ctx = mp.get_context("spawn")
     t0 = time.perf_counter()
@@ -97,20 +100,20 @@ def run(args: argparse.Namespace) -> None:
         futs = {(s, k): ex.submit(_base, args_d, s, k, inits[s]) for s in args.seeds for k in range(args.ensemble)}
         bases = {s: [futs[(s, k)].result() for k in range(args.ensemble)] for s in args.seeds}
         print(f"base ensembles: {time.perf_counter() - t0:.0f} s", flush=True)
-        jobs = [ex.submit(_loop, args_d, s, st, inits[s], bases[s]) for s in args.seeds for st in STRATEGIES]
+        jobs = [ex.submit(_loop, args_d, s, st, inits[s], bases[s]) for s in args.seeds for st in args.strategies]
         for j in jobs:
             print("done", j.result(), f"{time.perf_counter() - t0:.0f} s", flush=True)
     (out / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
 
 
-def collect(out: Path) -> dict:
+def collect(out: Path, tag: str = "") -> dict:
     """Per strategy and round: n calculations, F1 / MAE mean and std over seeds, pooled held-out coverage."""
     from pipeline.io import read_table
 
-    setup = json.loads((out / "setup.json").read_text())
+    setup = json.loads((out / f"{tag}setup.json").read_text())
     res: dict = {"setup": setup, "strategies": {}}
     for st in STRATEGIES:
-        runs = sorted(out.glob(f"{st}-s*/curve.json"))
+        runs = sorted(out.glob(f"{tag}{st}-s*/curve.json"))
         if not runs:
             continue
         curves = [json.loads(p.read_text()) for p in runs]
@@ -237,7 +240,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--predictor", default="gap", choices=("gap", "direct"))
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--finetune-from", default="base", choices=("base", "previous", "none"),
+                   help="round r >= 1 fine-tunes the round-0 members (base), round r-1's (previous), or none")
+    p.add_argument("--fidelity-prior", type=float, default=0.0)
+    p.add_argument("--residual", default="gp", choices=("gp", "shift", "none"),
+                   help="put the members' energies on the labels' scale by the fidelity-gap GP or a per-element shift")
+    p.add_argument("--samples", type=int, default=32, help="GP draws per member for the E_hull sigma")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), type=lambda s: s.split(","))
+    p.add_argument("--tag", default="", help="prefix of the loop folders (variants sharing one base ensemble)")
+    p.add_argument("--workers", type=int, default=1)
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)
     if not Path(args.pool).exists():
@@ -245,8 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if not args.table_only:
         run(args)
-    res = collect(out)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    res = collect(out, args.tag)
+    (out / f"{args.tag}results.json").write_text(json.dumps(res, indent=1))
+    if set(res["strategies"]) != set(STRATEGIES):
+        print(json.dumps({st: [{k: v for k, v in row.items() if k != "coverage_curve"} for row in rows]
+                          for st, rows in res["strategies"].items()}, indent=1))
+        return
     text = table(res)
     (out / "table.md").write_text(text + "\n")
     plot(res, out)

@@ -122,6 +122,7 @@ class Calibration:
     n: int = 0
     nll: float | None = None
     fitted: bool = False
+    prior_dof: float = 0.0
 
     def sigma(self, sigma_ens: np.ndarray, gap_dev: np.ndarray | None = None) -> np.ndarray:
         s = (self.s_ens * np.asarray(sigma_ens, dtype=float)) ** 2
@@ -165,6 +166,31 @@ def fit_calibration(errors: Sequence[float], sigma_ens: Sequence[float], gap_dev
             best = res
     a, b = np.exp(best.x)
     return Calibration(s_ens=float(a), s_gap=float(b), n=len(err), nll=float(best.fun), fitted=True)
+
+
+def fit_scale(errors: Sequence[float], sigma: Sequence[float], prior_dof: float = 0.0, min_points: int = 3,
+              floor: float = 1e-4) -> Calibration:
+    """One scale factor s (sigma -> s * sigma) from held-out ``errors`` and the sigmas predicted for them.
+
+    s^2 = (prior_dof + sum z_i^2) / (prior_dof + n), z = error / sigma: the conjugate (scaled inverse chi^2)
+    update of a prior s = 1 worth ``prior_dof`` observations. With the fidelity-gap GP the prior is its
+    maximum-likelihood fit to the labels (``prior_dof`` = labels beyond the per-element shift), so a round with
+    a handful of held-out picks moves the scale only as far as they weigh against the labels; with
+    ``prior_dof`` 0 it is the plain maximum-likelihood scale. Without a prior, fewer than ``min_points`` finite
+    pairs give the identity (``fitted`` False)."""
+    err = np.asarray(errors, dtype=float)
+    sig = np.asarray(sigma, dtype=float)
+    if err.shape != sig.shape:
+        raise ValueError(f"errors and sigma differ in shape: {err.shape} vs {sig.shape}")
+    if prior_dof < 0:
+        raise ValueError(f"prior_dof must be >= 0, got {prior_dof}")
+    ok = np.isfinite(err) & np.isfinite(sig)
+    z2 = (err[ok] / np.maximum(sig[ok], floor)) ** 2
+    n = int(ok.sum())
+    if n < min_points and not prior_dof:
+        return Calibration(n=n)
+    s = float(np.sqrt((prior_dof + z2.sum()) / (prior_dof + len(z2))))
+    return Calibration(s_ens=s, s_gap=0.0, n=len(z2), fitted=bool(len(z2)), prior_dof=float(prior_dof))
 
 
 def interval_halfwidth(sigma: np.ndarray, level: float) -> np.ndarray:
