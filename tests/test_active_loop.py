@@ -163,7 +163,7 @@ def test_loop_flow_runs_steps_as_tasks(mp_file, tmp_path):
 
 @pytest.mark.parametrize("finetune_from", ["base", "previous"])
 def test_rounds_fine_tune_from_the_round0_members_and_round0_is_calibrated(tmp_path, monkeypatch, finetune_from):
-    import pipeline.train.trainer as trainer
+    from pipeline.train import trainer
 
     pool = _pool()
     truth = {}
