@@ -267,12 +267,15 @@ def plot(res: dict, out: Path, tag: str = "") -> None:
     with atomic_path(out / f"{tag}curves.png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    curves = {}
+    curves, cmap = {}, {}
     for st, rows in res["strategies"].items():
         if not curves:  # round 0 is the same for both strategies (same seeds, members and initial labels)
-            curves["round 0 (shared; GP fitted on the initial labels)"] = rows[0]["coverage_curve"]
-        curves[f"{st}, round {rows[-1]['round']}"] = rows[-1]["coverage_curve"]
-    plot_coverage(curves, out / f"{tag}coverage.png", title="E_hull of unlabelled candidates: observed vs nominal")
+            label = "round 0, both (GP fitted on the initial labels)"
+            curves[label], cmap[label] = rows[0]["coverage_curve"], "0.3"
+        label = f"{st}, round {rows[-1]['round']}"
+        curves[label], cmap[label] = rows[-1]["coverage_curve"], colors[st]
+    plot_coverage(curves, out / f"{tag}coverage.png", colors=cmap,
+                  title="E_hull of unlabelled candidates (pooled over seeds)")
 
 
 def main(argv: list[str] | None = None) -> None:

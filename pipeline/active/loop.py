@@ -544,8 +544,8 @@ class Loop:
                 curves["E_hull, unlabelled (truth)"] = coverage_curve(err, sg)
         if curves:
             plot_coverage(curves, round_dir(self.out, r) / "coverage.png",
-                          title=f"round {r}: {n_lab} labels, {cfg.strategy}, calibration scale {calib.s_ens:.2f} "
-                                f"({calib.n} held-out picks)")
+                          title=f"round {r}: {n_lab} labels, {cfg.strategy}\nscale {calib.s_ens:.2f} from "
+                                f"{calib.n} held-out picks (GP prior: {calib.prior_dof:g} dof)")
             s["coverage_curves"] = curves
         return s
 

@@ -217,9 +217,10 @@ def coverage_curve(errors: Sequence[float], sigma: Sequence[float],
     return [{"level": float(p), "observed": coverage(err, sig, p), "n": n} for p in levels]
 
 
-def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "",
+                  colors: Mapping[str, str] | None = None) -> Path:
     """Coverage plot (observed vs nominal level, one line per curve, the diagonal = perfect calibration) as PNG,
-    written atomically."""
+    written atomically. ``colors``: optional matplotlib colour per curve label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,13 +236,13 @@ def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str
         if pts:
             x, y = zip(*pts)
             n = rows[0].get("n", "")
-            ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={n})")
+            ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={n})", color=(colors or {}).get(label))
     ax.set_xlabel("nominal coverage of the central interval")
     ax.set_ylabel("observed coverage (held-out)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "uncertainty calibration", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
