@@ -74,7 +74,8 @@ def _loop(args_d: dict, seed: int, strategy: str, init: list[str], bases: list[s
                      strategy=strategy, seed=seed, steps=args_d["steps"], base_steps=args_d["base_steps"],
                      lr=args_d["lr"], predictor=args_d["predictor"], initial=tuple(init), init_from=tuple(bases),
                      finetune_from=args_d["finetune_from"], fidelity_prior=args_d["fidelity_prior"],
-                     residual=args_d["residual"], samples=args_d["samples"])
+                     residual=args_d["residual"], samples=args_d["samples"],
+                     gp_length_prior=args_d["gp_length_prior"])
     out = Path(args_d["out"]) / f"{args_d['tag']}{strategy}-s{seed}"
     t0 = time.perf_counter()
     Loop(pool, oracle, cfg, out, truth=oracle.truth()).run()
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     pool, _ = _pool(args.pool)
     args_d = {k: getattr(args, k) for k in ("pool", "out", "rounds", "budget", "ensemble", "steps", "base_steps",
                                             "lr", "predictor", "finetune_from", "fidelity_prior", "tag",
-                                            "residual", "samples")}
+                                            "residual", "samples", "gp_length_prior")}
     inits = {s: initial_set(pool, args.initial_random, s) for s in args.seeds}
     (out / f"{args.tag}setup.json").write_text(json.dumps({"args": args_d, "seeds": args.seeds, "initial": inits,
                                                 "pool": pool.describe()}, indent=1, default=str))
@@ -174,6 +175,13 @@ def collect(out: Path, tag: str = "") -> dict:
             "trivial": bool(rnd[-1]["F1_mean"] <= rnd[0]["F1_mean"]),
             "F1_gap_per_round": [round(a["F1_mean"] - b["F1_mean"], 4) for a, b in zip(u, rnd)],
         }
+        # the same round, paired by seed (same initial labels and round-0 members): uncertainty - random
+        per_round = []
+        for r in range(min(len(u), len(rnd))):
+            dr = [f_unc[sd]["F1"][r] - f_rand[sd]["F1"][r] for sd in paired]
+            per_round.append({"round": r, "mean": _ms(dr)[0], "std": _ms(dr)[1],
+                              "unc_better": int(sum(x > 0 for x in dr)), "rand_better": int(sum(x < 0 for x in dr))})
+        res["target_f1"]["paired_per_round"] = per_round
         rows = [row for st in STRATEGIES for row in res["strategies"][st]
                 if row["coverage90_unlabelled"] is not None]
         pooled = (float(sum(row["coverage90_unlabelled"] * row["n_unlabelled"] for row in rows)
@@ -218,6 +226,9 @@ def table(res: dict) -> str:
         f"{len(t['paired_seeds'])} seeds -> {'MET (on the mean)' if t['met'] else 'NOT MET'}"
         + (f"; TRIVIAL: random's final F1 is not above the shared round-0 F1 (gain {t['random_gain_mean']:+.3f})"
            if t["trivial"] else f"; random's own gain over round 0: {t['random_gain_mean']:+.3f}"))
+    lines.append("F1 uncertainty - random at the same round, paired by seed: " + "; ".join(
+        f"round {x['round']}: {x['mean']:+.3f} ± {x['std']:.3f} (uncertainty better in {x['unc_better']}, random in "
+        f"{x['rand_better']})" for x in t["paired_per_round"][1:]))
     lines.append(f"Target 2 (90 % interval coverage on held-out candidates in 80-95 %): pooled over all rounds, "
                  f"both strategies and all seeds {c['pooled']:.3f} (before calibration {c['pooled_raw']:.3f}) -> "
                  f"{'MET' if c['met'] else 'NOT MET'}; per (strategy, round) in the band: {c['rounds_in_band']} of "
@@ -301,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--residual", default="gp", choices=("gp", "shift", "none"),
                    help="put the members' energies on the labels' scale by the fidelity-gap GP or a per-element shift")
     p.add_argument("--samples", type=int, default=32, help="GP draws per member for the E_hull sigma")
+    p.add_argument("--gp-length-prior", type=float, default=0.5,
+                   help="log-sd of the GP length scale's log-normal prior around 0.2 (0: plain maximum likelihood)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), type=lambda s: s.split(","))
     p.add_argument("--tag", default="", help="prefix of the loop folders (variants sharing one base ensemble)")
     p.add_argument("--workers", type=int, default=1)

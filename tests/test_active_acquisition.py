@@ -173,3 +173,19 @@ def test_fit_scale_prior_and_held_out():
         fit_scale([0.1, 0.2], [0.1])
     with pytest.raises(ValueError, match="prior_dof"):
         fit_scale([0.1], [0.1], prior_dof=-1)
+
+
+def test_gap_gp_length_prior_pulls_towards_its_median():
+    from pipeline.active.gap import BOUNDS, LENGTH_PRIOR, _nll, fit_gap_gp
+
+    x, y = _gap_data(10, 4)
+    free = fit_gap_gp(x, y[None, :], length_prior=None)
+    pulled = fit_gap_gp(x, y[None, :])
+    median = LENGTH_PRIOR[0]
+    assert abs(np.log(pulled.length / median)) <= abs(np.log(free.length / median)) + 1e-9
+    # on these 10 labels maximum likelihood alone runs to the lower bound of l; the prior keeps it off
+    assert free.length == pytest.approx(BOUNDS[1][0], rel=0.05) and pulled.length > 2 * BOUNDS[1][0]
+    theta = np.log([0.05, 0.05, 0.01])
+    # the prior adds 0.5 ((ln l - ln median) / sd)^2 to the negative log likelihood
+    extra = _nll(theta, x, y[None, :], LENGTH_PRIOR) - _nll(theta, x, y[None, :])
+    assert extra == pytest.approx(0.5 * (np.log(0.05 / median) / LENGTH_PRIOR[1]) ** 2)

@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.active import acquisition
-from pipeline.active.gap import GapGP, fit_gap_gp
+from pipeline.active.gap import DEFAULT, GapGP, fit_gap_gp
 from pipeline.active.pool import Candidate, Label, Oracle, Pool, label_frames, structure_frame
 from pipeline.active.uncertainty import (
     Calibration,
@@ -110,6 +110,7 @@ class LoopConfig:
     knn: int = 5
     residual: str = "gp"
     samples: int = 32
+    gp_length_prior: float = 0.5
     init_from: tuple[str, ...] = ()
     finetune_from: str = "base"
     fidelity_prior: float = 0.0
@@ -129,6 +130,8 @@ class LoopConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if not (self.gp_length_prior >= 0 and np.isfinite(self.gp_length_prior)):
+            raise ValueError(f"gp_length_prior must be a finite number >= 0, got {self.gp_length_prior}")
         if self.samples < 0:
             raise ValueError(f"samples must be >= 0, got {self.samples}")
         if self.finetune_from not in FINETUNE_FROM:
@@ -260,8 +263,8 @@ def _shifted(est_m: np.ndarray, cands: Sequence[Candidate], labelled: Sequence[i
     return out
 
 
-def _gp_corrected(est_m: np.ndarray, feats: np.ndarray, labelled: np.ndarray, e_lab: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, GapGP]:
+def _gp_corrected(est_m: np.ndarray, feats: np.ndarray, labelled: np.ndarray, e_lab: np.ndarray,
+                  length_prior: tuple[float, float] | None) -> tuple[np.ndarray, np.ndarray, GapGP]:
     """Each member's energies + the posterior mean of its residual (label - prediction) under the fidelity-gap
     GP (:mod:`pipeline.active.gap`), and the residual's posterior covariance over all candidates (0 on the
     labelled ones, whose energies are their labels)."""
@@ -269,7 +272,7 @@ def _gp_corrected(est_m: np.ndarray, feats: np.ndarray, labelled: np.ndarray, e_
     y = e_lab[None, lab] - est_m[:, lab]
     ok = np.all(np.isfinite(y), axis=0)
     lab, y = lab[ok], y[:, ok]
-    gp = fit_gap_gp(feats[lab], y)
+    gp = fit_gap_gp(feats[lab], y, length_prior=length_prior)
     same = (np.arange(len(feats))[:, None] == lab[None, :]).astype(float)
     mean, cov = gp.predict(feats[lab], y, feats, same)
     cov[labelled, :] = 0.0
@@ -434,7 +437,8 @@ class Loop:
         cov = np.zeros((len(ids), len(ids)))
         gp: GapGP | None = None
         if cfg.residual == "gp" and labelled_ids:
-            est_m, cov, gp = _gp_corrected(est_m, feats, labelled, e_lab)
+            prior = (DEFAULT[1], cfg.gp_length_prior) if cfg.gp_length_prior else None
+            est_m, cov, gp = _gp_corrected(est_m, feats, labelled, e_lab, prior)
         elif cfg.residual == "shift" and labelled_ids:
             est_m = _shifted(est_m, cands, labelled_ids, e_lab[labelled_ids])
         # the fidelity gap each member implies (against the low-fidelity DFT energy where the pool has one)
