@@ -289,6 +289,34 @@ def plot(res: dict, out: Path, tag: str = "") -> None:
                   title="E_hull of unlabelled candidates (pooled over seeds)")
 
 
+#: the diagnosis of the rising E_hull MAE: (tag, --residual, --finetune-from) of runs with --strategies random
+DIAGNOSIS = (("prev-", "shift", "previous (old)"), ("shiftnone-", "shift", "none (round-0 members)"),
+             ("shiftbase-", "shift", "base"), ("gpnone-", "gp, plain ML", "none (round-0 members)"),
+             ("gp10-", "gp, plain ML", "base"), ("v2-", "gp, l prior (default)", "base"))
+
+
+def diagnosis_table(out: Path, seeds: list[int]) -> str:
+    """Random picks, per (residual, fine-tune) variant and round: mean ± std over ``seeds`` of the E_hull MAE
+    (hull of DFT labels + model energies), of the E_hull MAE of a hull of the members' energies alone, and of the
+    energy MAE of the unlabelled candidates (meV/atom). Runs: ``--strategies random --residual R
+    --finetune-from F --tag T`` for each row of :data:`DIAGNOSIS`."""
+    head = "| residual | fine-tune from | quantity (meV/atom) | " + " | ".join(f"round {r}" for r in range(5)) + " |"
+    lines = [head, "|---|---|---|" + "---|" * 5]
+    for tag, residual, ft in DIAGNOSIS:
+        curves = [json.loads((out / f"{tag}random-s{sd}" / "curve.json").read_text()) for sd in seeds
+                  if (out / f"{tag}random-s{sd}" / "curve.json").exists()]
+        if not curves:
+            continue
+        for key, name in (("MAE", "E_hull MAE"), ("MAE_model_hull", "E_hull MAE, model energies only"),
+                          ("energy_MAE_unlabelled", "energy MAE, unlabelled")):
+            cells = []
+            for r in range(min(len(c) for c in curves)):
+                m, sd = _ms([None if c[r].get(key) is None else 1e3 * c[r][key] for c in curves])
+                cells.append(f"{m:.1f} ± {sd:.1f}")
+            lines.append(f"| {residual} | {ft} | {name} ({len(curves)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     from pipeline.config import shared_data_dir
     from pipeline.io import write_json_atomic
@@ -318,10 +346,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="", help="prefix of the loop folders (variants sharing one base ensemble)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--diagnosis", action="store_true",
+                   help="print the diagnosis table of the variant runs (see DIAGNOSIS) for --seeds and exit")
     args = p.parse_args(argv)
     if not Path(args.pool).exists():
         p.error(f"--pool: {args.pool} not found (the shared MP data, read in place)")
     out = Path(args.out)
+    if args.diagnosis:
+        print(diagnosis_table(out, args.seeds))
+        return
     if not args.table_only:
         run(args)
     res = collect(out, args.tag)
