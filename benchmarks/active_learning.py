@@ -9,12 +9,18 @@ negative distance below the others); stable = E_hull <= 0.
 
 Per seed: the initial labels (each element's lowest-GGA-energy phase + `--initial-random` others) and an
 ensemble of `--ensemble` small MF potentials trained on them (`--base-steps`, seeds differ, splits differ) are
-shared by both strategies; each loop then runs `--rounds` rounds of `--budget` picks (fine-tuning the members
-`--steps` per round). Scores per round: stability F1 and E_hull MAE over the whole pool (DFT where labelled,
-the ensemble mean elsewhere), coverage of the calibrated 90 % interval on the unlabelled (held-out) candidates.
+shared by both strategies (`OUT/base-s<seed>/`, reused by every `--tag`); each loop then runs `--rounds` rounds of
+`--budget` picks (fine-tuning the round-0 members `--steps` per round, energies put on the labels' scale by the
+fidelity-gap GP). Scores per round: stability F1 and E_hull MAE over the whole pool (DFT where labelled, the
+ensemble mean elsewhere), coverage of the calibrated 90 % interval on the unlabelled (held-out) candidates
+(before and after the held-out scale), energy MAE of the unlabelled; Target 1 paired by seed. Outputs:
+`OUT/<tag>table.md`, `<tag>results.json`, `<tag>curves.png`, `<tag>coverage.png`.
 
-    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --out reports/active_learning
-    python benchmarks/active_learning.py --table-only --out reports/active_learning
+    OMP_NUM_THREADS=1 python benchmarks/active_learning.py --out reports/al-diag --tag v2- --seeds 0,1,2,3,4,5,6,7,8,9
+    python benchmarks/active_learning.py --table-only --out reports/al-diag --tag v2-
+    python benchmarks/active_learning.py --diagnosis --out reports/al-diag --seeds 0,1,2   # variant runs: DIAGNOSIS
+
+Measured results and the diagnosis of the variants: docs/active-learning.md.
 """
 
 from __future__ import annotations
