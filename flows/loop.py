@@ -19,7 +19,8 @@ def _step(name: str, fn: Any) -> Any:
 def loop_flow(pool: str, out_dir: str, rounds: int = 3, budget: int = 5, ensemble: int = 3,
               strategy: str = "uncertainty", threshold: float = 0.0, seed: int = 0, steps: int = 20,
               base_steps: int = 150, predictor: str = "gap", initial_random: int = 2,
-              initial: list[str] | None = None, score: bool = False) -> list[dict[str, Any]]:
+              initial: list[str] | None = None, score: bool = False, finetune_from: str = "base",
+              residual: str = "gp", samples: int = 32) -> list[dict[str, Any]]:
     """Run the loop on a ``.res`` pool with precomputed labels; returns the per-round summaries."""
     from pipeline.active.loop import Loop, LoopConfig, initial_set
     from pipeline.active.pool import load_res_pool
@@ -27,7 +28,8 @@ def loop_flow(pool: str, out_dir: str, rounds: int = 3, budget: int = 5, ensembl
     p, oracle = load_res_pool(pool)
     init = tuple(initial) if initial else tuple(initial_set(p, initial_random, seed))
     cfg = LoopConfig(rounds=rounds, budget=budget, ensemble=ensemble, strategy=strategy, threshold=threshold,
-                     seed=seed, steps=steps, base_steps=base_steps, predictor=predictor, initial=init)
+                     seed=seed, steps=steps, base_steps=base_steps, predictor=predictor, initial=init,
+                     finetune_from=finetune_from, residual=residual, samples=samples)
     loop = Loop(p, oracle, cfg, out_dir, truth=oracle.truth() if score else None,
                 step_runner=lambda name, fn: _step(name, fn))
     return loop.run().rounds

@@ -105,3 +105,87 @@ def test_gap_novelty_and_ensemble_stats(tmp_path):
     assert m == pytest.approx([2.0, 2.0]) and s == pytest.approx([np.sqrt(2), 0.0])
     png = plot_coverage({"test": coverage_curve([0.1, -0.2, 0.05], [0.1, 0.1, 0.1])}, tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _gap_data(n: int, seed: int):
+    """Compositions over 3 elements (a few polymorphs per composition) and a residual that is a large
+    per-element shift + a smooth non-linear part + a per-structure deviation: what the loop's GP models."""
+    rng = np.random.default_rng(seed)
+    base = rng.dirichlet(np.ones(3), size=n // 2)
+    x = np.repeat(base, 2, axis=0)[:n]
+    smooth = 0.15 * np.sin(6 * x[:, 0]) * np.cos(5 * x[:, 2]) + 0.2 * x[:, 1] * x[:, 2]
+    y = x @ np.array([-0.5, -6.0, -1.0]) + smooth + rng.normal(0, 0.01, n)
+    return x, y
+
+
+def test_gap_gp_beats_the_per_element_shift_and_covers():
+    from pipeline.active.gap import BOUNDS, fit_gap_gp
+
+    x, y = _gap_data(160, 0)
+    tr, te = np.arange(0, 160, 2), np.arange(1, 160, 2)  # every composition's second polymorph held out
+    gp = fit_gap_gp(x[tr], y[tr][None, :])
+    assert gp.fitted and gp.n == 80
+    for value, (lo, hi) in zip((gp.a, gp.length, gp.noise), BOUNDS):
+        assert lo * (1 - 1e-6) <= value <= hi * (1 + 1e-6)
+    mean, cov = gp.predict(x[tr], y[tr][None, :], x[te])
+    err = mean[0] - y[te]
+    coef, *_ = np.linalg.lstsq(x[tr], y[tr], rcond=None)
+    err_shift = x[te] @ coef - y[te]
+    assert np.abs(err).mean() < 0.5 * np.abs(err_shift).mean()
+    assert 0.8 <= coverage(err, np.sqrt(np.diag(cov)), 0.9) <= 0.99
+    # at a labelled point its residual is known
+    same = (np.arange(3)[:, None] == np.arange(3)[None, :]).astype(float)
+    m0, c0 = gp.predict(x[tr][:3], y[tr][None, :3], x[tr][:3], same)
+    assert m0[0] == pytest.approx(y[tr][:3], abs=1e-6) and np.abs(np.diag(c0)).max() < 1e-6
+
+
+def test_gap_gp_leave_one_out_is_exact_and_defaults_without_data():
+    from pipeline.active.gap import DEFAULT, GapGP, fit_gap_gp
+
+    x, y = _gap_data(20, 1)
+    gp = GapGP(0.06, 0.2, 0.012)
+    ys = np.stack([y, y + 0.01])  # two members
+    err, std = gp.loo(x, ys)
+    for i in (0, 7, 19):
+        keep = np.arange(20) != i
+        m, c = gp.predict(x[keep], ys[:, keep], x[i:i + 1])
+        assert err[:, i] == pytest.approx(m[:, 0] - ys[:, i], abs=1e-8)
+        assert std[i] == pytest.approx(np.sqrt(c[0, 0]), rel=1e-6)
+    few = fit_gap_gp(x[:4], y[None, :4])  # 4 labels, 3 elements: nothing beyond the shift to fit
+    assert not few.fitted and (few.a, few.length, few.noise) == DEFAULT
+
+
+def test_fit_scale_prior_and_held_out():
+    from pipeline.active.uncertainty import fit_scale
+
+    rng = np.random.default_rng(2)
+    sig = rng.uniform(0.01, 0.05, 4000)
+    err = rng.normal(0, 3.0 * sig)
+    cal = fit_scale(err, sig)
+    assert cal.fitted and cal.s_ens == pytest.approx(3.0, rel=0.05)
+    assert coverage(err, cal.sigma(sig), 0.9) == pytest.approx(0.9, abs=0.02)
+    # a prior worth 10 observations at s = 1 against 10 held-out errors at z = 2: s^2 = (10 + 40) / 20
+    weighted = fit_scale(np.full(10, 0.2), np.full(10, 0.1), prior_dof=10)
+    assert weighted.s_ens == pytest.approx(np.sqrt(2.5)) and weighted.prior_dof == 10
+    assert fit_scale([], [], prior_dof=5).s_ens == 1.0
+    assert not fit_scale([0.1, 0.2], [0.1, 0.1]).fitted
+    with pytest.raises(ValueError, match="differ in shape"):
+        fit_scale([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="prior_dof"):
+        fit_scale([0.1], [0.1], prior_dof=-1)
+
+
+def test_gap_gp_length_prior_pulls_towards_its_median():
+    from pipeline.active.gap import BOUNDS, LENGTH_PRIOR, _nll, fit_gap_gp
+
+    x, y = _gap_data(10, 4)
+    free = fit_gap_gp(x, y[None, :], length_prior=None)
+    pulled = fit_gap_gp(x, y[None, :])
+    median = LENGTH_PRIOR[0]
+    assert abs(np.log(pulled.length / median)) <= abs(np.log(free.length / median)) + 1e-9
+    # on these 10 labels maximum likelihood alone runs to the lower bound of l; the prior keeps it off
+    assert free.length == pytest.approx(BOUNDS[1][0], rel=0.05) and pulled.length > 2 * BOUNDS[1][0]
+    theta = np.log([0.05, 0.05, 0.01])
+    # the prior adds 0.5 ((ln l - ln median) / sd)^2 to the negative log likelihood
+    extra = _nll(theta, x, y[None, :], LENGTH_PRIOR) - _nll(theta, x, y[None, :])
+    assert extra == pytest.approx(0.5 * (np.log(0.05 / median) / LENGTH_PRIOR[1]) ** 2)

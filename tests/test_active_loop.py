@@ -87,9 +87,10 @@ def test_loop_labels_through_the_label_stage_and_resumes(tmp_path):
     assert all(np.isfinite(r["e_hull_mean"]) and r["e_hull_sigma"] >= 0 for r in rep)
     picked = set(json.loads((a / "round-00" / "picks.json").read_text())["picks"])
     assert picked.isdisjoint(cfg.initial) and len(picked) == 2
-    # held-out pairs exist from round 1 on (round 0's picks, predicted before their labels); 2 < 3: not fitted
+    # held-out pairs exist from round 1 on (round 0's picks, predicted before their labels); they update the
+    # scale against the prior of the gap GP fitted on the round's 6 labels (6 - 2 elements = 4 observations)
     cal = json.loads((a / "round-01" / "summary.json").read_text())["calibration"]
-    assert cal["n"] == 2 and not cal["fitted"]
+    assert cal["n"] == 2 and cal["fitted"] and cal["prior_dof"] == 4
     assert (a / "round-01" / "coverage.png").read_bytes()[:4] == b"\x89PNG"
 
     # stop after a step in every phase, resume each time with a fresh Loop: same result as uninterrupted
@@ -158,3 +159,48 @@ def test_loop_flow_runs_steps_as_tasks(mp_file, tmp_path):
         rounds = loop_flow(str(mp_file("mp-res_Li-Ni-O/Li-Ni-O.res.tar")), str(tmp_path / "f"), rounds=1, budget=2,
                            ensemble=1, steps=1, base_steps=1, initial_random=1, score=True)
     assert [r["n_labelled"] for r in rounds] == [4, 6]
+
+
+@pytest.mark.parametrize("finetune_from", ["base", "previous"])
+def test_rounds_fine_tune_from_the_round0_members_and_round0_is_calibrated(tmp_path, monkeypatch, finetune_from):
+    from pipeline.train import trainer
+
+    pool = _pool()
+    truth = {}
+    for c in pool.candidates:
+        atoms = AseAtomsAdaptor.get_atoms(c.structure)
+        atoms.calc = HighEMT()
+        truth[c.candidate_id] = float(atoms.get_potential_energy())
+    from pipeline.active.pool import Label
+
+    labels = {i: Label(i, pool.by_id()[i].structure, e) for i, e in truth.items()}
+    starts: list[tuple[str, str | None]] = []
+    real_train = trainer.train
+
+    def recording_train(frames, model_config, cfg, out_dir, **kw):
+        starts.append((str(out_dir), cfg.init_from))
+        return real_train(frames, model_config, cfg, out_dir, **kw)
+
+    monkeypatch.setattr(trainer, "train", recording_train)
+    cfg = LoopConfig(**{**CFG, "rounds": 2, "ensemble": 1, "samples": 8, "finetune_from": finetune_from},
+                     initial=("Al", "Cu", "AlCu-0", "AlCu-1", "AlCu-2"))
+    out = tmp_path / finetune_from
+    res = Loop(pool, LookupOracle(labels, "hi"), cfg, out, truth=labels).run()
+    inits = {d.split("/")[-3]: i for d, i in starts}
+    assert inits["round-00"] is None  # round 0 trains from scratch (no init_from given)
+    assert inits["round-01"] == str(out / "round-00" / "models" / "m0" / "last.pt")
+    expect = "round-00" if finetune_from == "base" else "round-01"
+    assert inits["round-02"] == str(out / expect / "models" / "m0" / "last.pt")
+    # round 0: 5 labels over 2 elements -> the gap GP is fitted on them, every unlabelled candidate gets a finite
+    # positive sigma from it (one member: the ensemble alone would give 0)
+    s0 = res.rounds[0]
+    assert s0["gap_gp"]["fitted"] and s0["gap_gp"]["n"] == 5
+    rep = read_table(out / "round-00" / "report.parquet").to_pylist()
+    free = [r for r in rep if not r["labelled"]]
+    assert len(free) == 7
+    assert all(np.isfinite(r["e_hull_sigma"]) and r["e_hull_sigma"] > 0 for r in free)
+    assert all(r["e_hull_std_ensemble"] == 0 for r in free)
+    assert all(r["energy_pred"] == pytest.approx(r["energy_dft"], abs=1e-6) for r in rep if r["labelled"])
+    # round 2 is calibrated on the picks of rounds 0 and 1 (predicted before their labels), with the GP's prior
+    cal = res.rounds[2]["calibration"]
+    assert cal["n"] == 4 and cal["fitted"] and cal["prior_dof"] == 9 - 2 and cal["s_ens"] > 0

@@ -41,6 +41,14 @@ def add_loop_parser(sub: Any) -> None:
                    help="start the members from these checkpoints (1, or one per member)")
     p.add_argument("--predictor", choices=("gap", "direct"), default="gap",
                    help="gap: low-fidelity DFT energy + the models' (high - low) prediction; direct: high head")
+    p.add_argument("--finetune-from", choices=("base", "previous", "none"), default="base",
+                   help="round r >= 1 fine-tunes the round-0 members (base, default), round r-1's (previous: "
+                        "fine-tunes stacked, which drifts), or trains nothing after round 0 (none)")
+    p.add_argument("--residual", choices=("gp", "shift", "none"), default="gp",
+                   help="put the members' energies on the labels' scale: gp (default) = fidelity-gap GP over "
+                        "composition (also the round-0 uncertainty), shift = per-element shift only")
+    p.add_argument("--samples", type=int_range(0, 100_000), default=32,
+                   help="GP draws per member propagated through the hull for the E_hull sigma (default 32)")
     p.add_argument("--seed", type=int_range(0, 2**31 - 1), default=0)
     p.add_argument("--lr", type=float_range(0.0, 1.0, low_open=True), default=5e-3)
     p.add_argument("--score", action="store_true",
@@ -59,8 +67,10 @@ def cmd_loop(args: argparse.Namespace) -> int:
     cfg = LoopConfig(rounds=args.rounds, budget=args.budget, ensemble=args.ensemble, strategy=args.strategy,
                      threshold=args.threshold, seed=args.seed, steps=args.steps, base_steps=args.base_steps,
                      lr=args.lr, predictor=args.predictor, initial=initial,
-                     init_from=tuple(str(p) for p in args.init_from or ()))
+                     init_from=tuple(str(p) for p in args.init_from or ()), finetune_from=args.finetune_from,
+                     residual=args.residual, samples=args.samples)
     result = Loop(pool, oracle, cfg, args.out, truth=oracle.truth() if args.score else None).run()
-    keys = ("round", "n_labelled", "F1", "MAE", "coverage_e_hull_unlabelled", "coverage_energy_picks")
+    keys = ("round", "n_labelled", "F1", "MAE", "coverage_e_hull_unlabelled", "coverage_e_hull_unlabelled_raw",
+            "coverage_energy_picks")
     print(json.dumps([{k: r.get(k) for k in keys if k in r} for r in result.rounds], indent=1))
     return 0

@@ -122,6 +122,7 @@ class Calibration:
     n: int = 0
     nll: float | None = None
     fitted: bool = False
+    prior_dof: float = 0.0
 
     def sigma(self, sigma_ens: np.ndarray, gap_dev: np.ndarray | None = None) -> np.ndarray:
         s = (self.s_ens * np.asarray(sigma_ens, dtype=float)) ** 2
@@ -167,6 +168,31 @@ def fit_calibration(errors: Sequence[float], sigma_ens: Sequence[float], gap_dev
     return Calibration(s_ens=float(a), s_gap=float(b), n=len(err), nll=float(best.fun), fitted=True)
 
 
+def fit_scale(errors: Sequence[float], sigma: Sequence[float], prior_dof: float = 0.0, min_points: int = 3,
+              floor: float = 1e-4) -> Calibration:
+    """One scale factor s (sigma -> s * sigma) from held-out ``errors`` and the sigmas predicted for them.
+
+    s^2 = (prior_dof + sum z_i^2) / (prior_dof + n), z = error / sigma: the conjugate (scaled inverse chi^2)
+    update of a prior s = 1 worth ``prior_dof`` observations. With the fidelity-gap GP the prior is its
+    maximum-likelihood fit to the labels (``prior_dof`` = labels beyond the per-element shift), so a round with
+    a handful of held-out picks moves the scale only as far as they weigh against the labels; with
+    ``prior_dof`` 0 it is the plain maximum-likelihood scale. Without a prior, fewer than ``min_points`` finite
+    pairs give the identity (``fitted`` False)."""
+    err = np.asarray(errors, dtype=float)
+    sig = np.asarray(sigma, dtype=float)
+    if err.shape != sig.shape:
+        raise ValueError(f"errors and sigma differ in shape: {err.shape} vs {sig.shape}")
+    if prior_dof < 0:
+        raise ValueError(f"prior_dof must be >= 0, got {prior_dof}")
+    ok = np.isfinite(err) & np.isfinite(sig)
+    z2 = (err[ok] / np.maximum(sig[ok], floor)) ** 2
+    n = int(ok.sum())
+    if n < min_points and not prior_dof:
+        return Calibration(n=n)
+    s = float(np.sqrt((prior_dof + z2.sum()) / (prior_dof + len(z2))))
+    return Calibration(s_ens=s, s_gap=0.0, n=len(z2), fitted=bool(len(z2)), prior_dof=float(prior_dof))
+
+
 def interval_halfwidth(sigma: np.ndarray, level: float) -> np.ndarray:
     """Half-width of the central ``level`` interval of N(mu, sigma^2)."""
     if not 0 < level < 1:
@@ -191,9 +217,10 @@ def coverage_curve(errors: Sequence[float], sigma: Sequence[float],
     return [{"level": float(p), "observed": coverage(err, sig, p), "n": n} for p in levels]
 
 
-def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "") -> Path:
+def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str = "",
+                  colors: Mapping[str, str] | None = None) -> Path:
     """Coverage plot (observed vs nominal level, one line per curve, the diagonal = perfect calibration) as PNG,
-    written atomically."""
+    written atomically. ``colors``: optional matplotlib colour per curve label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,13 +236,13 @@ def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str
         if pts:
             x, y = zip(*pts)
             n = rows[0].get("n", "")
-            ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={n})")
+            ax.plot(x, y, marker="o", ms=3, label=f"{label} (n={n})", color=(colors or {}).get(label))
     ax.set_xlabel("nominal coverage of the central interval")
     ax.set_ylabel("observed coverage (held-out)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "uncertainty calibration", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
