@@ -291,3 +291,31 @@ def test_fidelity_prior_keeps_the_fidelities_rows_together(frames, tmp_path):
     assert p_free > 1e-6 and p_held < 0.1 * p_free, (p_free, p_held)
     with pytest.raises(ValueError, match="fidelity_prior"):
         _cfg(fidelity_prior=-1.0)
+
+
+def test_in_memory_sampling_weights_repeat_the_scarce_fidelity(emt_frames, tmp_path):
+    """sampling_weights work on a table too (they were silently ignored there): an epoch holds every 'hi' frame
+    floor(w) times plus a seeded frac(w) share once more, the run takes that many steps, and a size budget,
+    which only the streamed path has, is refused with a one-line reason instead of being ignored."""
+    import math
+
+    from pipeline.train.trainer import _MemoryBatches, build_model
+
+    frames = emt_frames(12, hi_every=3)  # 12 lo + 4 hi
+    cfg = TrainConfig(epochs=1, batch_size=4, val_fraction=0.0, seed=1, use_stress=False,
+                      sampling_weights={"hi": 2.5})
+    _, data, train_idx, _ = build_model(frames, preset("small", elements=["Al", "Cu"]), cfg, None, None)
+    batches = _MemoryBatches(data, train_idx, cfg)
+    names = [data.fidelity_names[i] for i in batches.samples(0)]
+    assert names.count("lo") == 12 and names.count("hi") == 2 * 4 + 2
+    assert batches.samples(0) != batches.samples(1)  # the extra half is drawn per epoch
+    res = train(frames, preset("small", elements=["Al", "Cu"]), cfg, tmp_path / "w")
+    assert res.steps == math.ceil(22 / 4)
+    plain = train(frames, preset("small", elements=["Al", "Cu"]),
+                  TrainConfig(epochs=1, batch_size=4, val_fraction=0.0, seed=1, use_stress=False), tmp_path / "p")
+    assert plain.steps == math.ceil(16 / 4)
+    with pytest.raises(ValueError, match="sampling weights for fidelities not in the frames: nope"):
+        _MemoryBatches(data, train_idx, TrainConfig(sampling_weights={"nope": 2.0}))
+    with pytest.raises(ValueError, match="streamed path"):
+        train(frames, preset("small", elements=["Al", "Cu"]), TrainConfig(max_atoms=64, val_fraction=0.0),
+              tmp_path / "m")

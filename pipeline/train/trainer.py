@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -338,6 +339,9 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
     if isinstance(frames, pa.Table):
         if cfg.stream or world_size > 1:
             raise ValueError("streamed or distributed training reads a frames dataset folder: pass its path")
+        if cfg.max_atoms is not None or cfg.max_edges is not None:
+            raise ValueError("max_atoms / max_edges batch by size in the streamed path, which reads a frames "
+                             "dataset folder: pass its path")
         return False
     if cfg.stream is not None:
         if not cfg.stream and world_size > 1:
@@ -352,17 +356,44 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
 
 
 class _MemoryBatches:
-    """Micro-batches of the in-memory path: the training frames in a seeded random order, ``batch_size`` each."""
+    """Micro-batches of the in-memory path: the training frames in a seeded random order, ``batch_size`` each.
+
+    ``cfg.sampling_weights`` (fidelity -> w) as in the streamed path (:func:`pipeline.train.stream.sample_frames`):
+    an epoch holds each training frame of fidelity ``f`` ``floor(w_f)`` times plus a seeded random
+    ``round(frac(w_f) * n_f)`` of them once more, so a scarce fidelity can be seen as often as a plentiful one."""
 
     def __init__(self, data: FrameData, train_idx: list[int], cfg: TrainConfig) -> None:
         self.data, self.train_idx, self.cfg = data, train_idx, cfg
+        self.by_fidelity: dict[str, list[int]] = {}
+        for i in train_idx:
+            self.by_fidelity.setdefault(data.fidelity_names[i], []).append(i)
+        unknown = sorted(set(cfg.sampling_weights or {}) - set(data.fidelity_names))
+        if unknown:
+            raise ValueError(f"sampling weights for fidelities not in the frames: {', '.join(unknown)} "
+                             f"(frames have {', '.join(sorted(set(data.fidelity_names)))})")
+
+    def samples(self, epoch: int) -> list[int]:
+        """The training frames of one epoch, with repeats per the sampling weights (unordered)."""
+        weights = self.cfg.sampling_weights
+        if not weights:
+            return self.train_idx
+        rng = np.random.default_rng([int(self.cfg.seed), int(epoch), 0])
+        out: list[int] = []
+        for name in sorted(self.by_fidelity):
+            members, w = self.by_fidelity[name], float(weights.get(name, 1.0))
+            out += members * math.floor(w)
+            extra = round((w - math.floor(w)) * len(members))
+            if extra:
+                out += sorted(rng.choice(members, size=extra, replace=False).tolist())
+        return out
 
     def micro_per_epoch(self) -> int:
-        return math.ceil(len(self.train_idx) / self.cfg.batch_size)
+        return math.ceil(len(self.samples(0)) / self.cfg.batch_size)
 
     def epoch(self, epoch: int, skip: int) -> Iterator[tuple[Any, Any]]:
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        order = [self.train_idx[k] for k in torch.randperm(len(self.train_idx), generator=gen).tolist()]
+        samples = self.samples(epoch)
+        order = [samples[k] for k in torch.randperm(len(samples), generator=gen).tolist()]
         for start in range(skip * self.cfg.batch_size, len(order), self.cfg.batch_size):
             yield self.data.batch(order[start:start + self.cfg.batch_size])
 
