@@ -63,6 +63,16 @@ def _final(out):
             read_table(out / "round-01" / "report.parquet").to_pylist())
 
 
+def _truth(pool) -> dict[str, float]:
+    """The stand-in high-fidelity energy of every candidate of ``pool`` (HighEMT)."""
+    truth = {}
+    for c in pool.candidates:
+        atoms = AseAtomsAdaptor.get_atoms(c.structure)
+        atoms.calc = HighEMT()
+        truth[c.candidate_id] = float(atoms.get_potential_energy())
+    return truth
+
+
 def test_loop_labels_through_the_label_stage_and_resumes(tmp_path):
     pool = _pool()
     cfg = LoopConfig(**CFG, initial=tuple(initial_set(pool, 2, 0)))
@@ -110,11 +120,7 @@ def test_loop_labels_through_the_label_stage_and_resumes(tmp_path):
 
 def test_loop_random_strategy_and_failed_labels(tmp_path):
     pool = _pool()
-    truth = {}
-    for c in pool.candidates:
-        atoms = AseAtomsAdaptor.get_atoms(c.structure)
-        atoms.calc = HighEMT()
-        truth[c.candidate_id] = float(atoms.get_potential_energy())
+    truth = _truth(pool)
     from pipeline.active.pool import Label
 
     labels = {i: Label(i, pool.by_id()[i].structure, e) for i, e in truth.items() if i != "AlCu-3"}
@@ -166,11 +172,7 @@ def test_rounds_fine_tune_from_the_round0_members_and_round0_is_calibrated(tmp_p
     from pipeline.train import trainer
 
     pool = _pool()
-    truth = {}
-    for c in pool.candidates:
-        atoms = AseAtomsAdaptor.get_atoms(c.structure)
-        atoms.calc = HighEMT()
-        truth[c.candidate_id] = float(atoms.get_potential_energy())
+    truth = _truth(pool)
     from pipeline.active.pool import Label
 
     labels = {i: Label(i, pool.by_id()[i].structure, e) for i, e in truth.items()}

@@ -6,9 +6,9 @@ coverage.
 * **Fidelity gap**: the models' high - low prediction (r2SCAN - PBE, eV/atom) of a candidate is compared with the
   gaps DFT gave for the nearest labelled composition (materials labelled at both fidelities): a gap far from
   theirs (``gap_dev``, eV/atom) flags a candidate unlike the training data even when the members agree.
-* **Calibration** (:class:`Calibration`): sigma^2 = (s_ens * sigma_ens)^2 + (s_gap * gap_dev)^2, the two scale
-  factors fitted by Gaussian maximum likelihood on held-out errors (predictions made before the label was
-  seen), so that the normalised errors have unit variance.
+* **Calibration** (:class:`Calibration`, :func:`fit_scale`): one scale factor on sigma, fitted on held-out errors
+  (predictions made before the label was seen) with an optional prior, so that the normalised errors have unit
+  variance.
 * **Coverage**: observed fraction of held-out errors inside the central interval of each nominal level
   (:func:`coverage_curve`), plotted against the nominal level (:func:`plot_coverage`).
 """
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition
-from scipy.optimize import minimize
 from scipy.stats import norm
 
 #: nominal levels of the coverage curve
@@ -115,57 +114,19 @@ def gap_novelty(pred_gap: np.ndarray, features: np.ndarray, train_features: np.n
 
 @dataclass
 class Calibration:
-    """sigma = sqrt((s_ens * sigma_ens)^2 + (s_gap * gap_dev)^2); ``n`` held-out errors it was fitted on."""
+    """sigma -> s_ens * sigma (:func:`fit_scale`); ``n`` held-out errors it was fitted on."""
 
     s_ens: float = 1.0
-    s_gap: float = 0.0
     n: int = 0
     nll: float | None = None
     fitted: bool = False
     prior_dof: float = 0.0
 
-    def sigma(self, sigma_ens: np.ndarray, gap_dev: np.ndarray | None = None) -> np.ndarray:
-        s = (self.s_ens * np.asarray(sigma_ens, dtype=float)) ** 2
-        if gap_dev is not None:
-            s = s + (self.s_gap * np.nan_to_num(np.asarray(gap_dev, dtype=float), nan=0.0)) ** 2
-        return np.sqrt(s)
+    def sigma(self, sigma_ens: np.ndarray) -> np.ndarray:
+        return self.s_ens * np.asarray(sigma_ens, dtype=float)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def fit_calibration(errors: Sequence[float], sigma_ens: Sequence[float], gap_dev: Sequence[float] | None = None,
-                    min_points: int = 3, floor: float = 1e-4) -> Calibration:
-    """Fit the scale factors by maximum likelihood of N(0, sigma^2) on held-out ``errors``.
-
-    Fewer than ``min_points`` finite errors: the identity (s_ens 1, s_gap 0), ``fitted`` False. Without
-    ``gap_dev`` only s_ens is fitted, in closed form (sqrt of the mean squared normalised error).
-    """
-    err = np.asarray(errors, dtype=float)
-    se = np.asarray(sigma_ens, dtype=float)
-    gd = np.zeros_like(err) if gap_dev is None else np.nan_to_num(np.asarray(gap_dev, dtype=float), nan=0.0)
-    ok = np.isfinite(err) & np.isfinite(se)
-    err, se, gd = err[ok], np.maximum(se[ok], floor), gd[ok]
-    if len(err) < min_points:
-        return Calibration(n=len(err))
-    if gap_dev is None or not np.any(gd > 0):
-        s = float(np.sqrt(np.mean((err / se) ** 2)))
-        nll = float(np.mean(0.5 * np.log(2 * np.pi * (s * se) ** 2) + 0.5 * (err / (s * se)) ** 2))
-        return Calibration(s_ens=s, s_gap=0.0, n=len(err), nll=nll, fitted=True)
-
-    def nll(theta: np.ndarray) -> float:
-        a, b = np.exp(theta)
-        var = (a * se) ** 2 + (b * gd) ** 2 + floor ** 2
-        return float(np.mean(0.5 * np.log(2 * np.pi * var) + 0.5 * err ** 2 / var))
-
-    s0 = float(np.sqrt(np.mean((err / se) ** 2)))
-    best = None
-    for start in ([math.log(s0), math.log(1e-2)], [math.log(s0 / 2), 0.0], [math.log(1e-2), math.log(1.0)]):
-        res = minimize(nll, np.array(start), method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-8})
-        if best is None or res.fun < best.fun:
-            best = res
-    a, b = np.exp(best.x)
-    return Calibration(s_ens=float(a), s_gap=float(b), n=len(err), nll=float(best.fun), fitted=True)
 
 
 def fit_scale(errors: Sequence[float], sigma: Sequence[float], prior_dof: float = 0.0, min_points: int = 3,
@@ -190,7 +151,7 @@ def fit_scale(errors: Sequence[float], sigma: Sequence[float], prior_dof: float 
     if n < min_points and not prior_dof:
         return Calibration(n=n)
     s = float(np.sqrt((prior_dof + z2.sum()) / (prior_dof + len(z2))))
-    return Calibration(s_ens=s, s_gap=0.0, n=len(z2), fitted=bool(len(z2)), prior_dof=float(prior_dof))
+    return Calibration(s_ens=s, n=len(z2), fitted=bool(len(z2)), prior_dof=float(prior_dof))
 
 
 def interval_halfwidth(sigma: np.ndarray, level: float) -> np.ndarray:

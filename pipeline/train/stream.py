@@ -173,14 +173,20 @@ def sample_frames(index: FrameIndex, weights: Mapping[str, float], seed: int, ep
     rng = _rng(seed, epoch, 0)
     out = []
     for k, name in enumerate(index.fidelity_names):
-        w = float(weights.get(name, 1.0))
         members = np.flatnonzero((index.fidelity == k) if select is None else (index.fidelity == k) & select)
-        whole, frac = math.floor(w), w - math.floor(w)
-        out.extend([members] * whole)
-        extra = round(frac * len(members))
-        if extra:
-            out.append(np.sort(rng.choice(members, size=extra, replace=False)))
+        out.extend(weighted_repeats(members, float(weights.get(name, 1.0)), rng))
     return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+def weighted_repeats(members: np.ndarray, w: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """One fidelity's share of an epoch at sampling weight ``w``: all ``members`` ``floor(w)`` times plus a random
+    ``round(frac(w) * n)`` of them (sorted) once more."""
+    whole, frac = math.floor(w), w - math.floor(w)
+    out = [members] * whole
+    extra = round(frac * len(members))
+    if extra:
+        out.append(np.sort(rng.choice(members, size=extra, replace=False)))
+    return out
 
 
 def shuffle_blocks(index: FrameIndex, samples: np.ndarray, buffer_rows: int, seed: int,

@@ -358,9 +358,8 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
 class _MemoryBatches:
     """Micro-batches of the in-memory path: the training frames in a seeded random order, ``batch_size`` each.
 
-    ``cfg.sampling_weights`` (fidelity -> w) as in the streamed path (:func:`pipeline.train.stream.sample_frames`):
-    an epoch holds each training frame of fidelity ``f`` ``floor(w_f)`` times plus a seeded random
-    ``round(frac(w_f) * n_f)`` of them once more, so a scarce fidelity can be seen as often as a plentiful one."""
+    ``cfg.sampling_weights`` (fidelity -> w) as in the streamed path (:func:`pipeline.train.stream.weighted_repeats`),
+    so a scarce fidelity can be seen as often as a plentiful one."""
 
     def __init__(self, data: FrameData, train_idx: list[int], cfg: TrainConfig) -> None:
         self.data, self.train_idx, self.cfg = data, train_idx, cfg
@@ -377,14 +376,13 @@ class _MemoryBatches:
         weights = self.cfg.sampling_weights
         if not weights:
             return self.train_idx
+        from pipeline.train.stream import weighted_repeats
+
         rng = np.random.default_rng([int(self.cfg.seed), int(epoch), 0])
         out: list[int] = []
         for name in sorted(self.by_fidelity):
-            members, w = self.by_fidelity[name], float(weights.get(name, 1.0))
-            out += members * math.floor(w)
-            extra = round((w - math.floor(w)) * len(members))
-            if extra:
-                out += sorted(rng.choice(members, size=extra, replace=False).tolist())
+            for part in weighted_repeats(np.asarray(self.by_fidelity[name]), float(weights.get(name, 1.0)), rng):
+                out += part.tolist()
         return out
 
     def micro_per_epoch(self) -> int:
