@@ -101,10 +101,14 @@ def _key(r: dict) -> tuple:
             r.get("subset", "random"), r.get("lr", LR))
 
 
-def shifted(pred_train: list[dict], train_high: pa.Table, pred_test: list[dict], test: pa.Table) -> list[dict]:
-    """Test predictions + per-element shift (label - prediction) fitted on the training high frames."""
-    nums = train_high.column("numbers").to_pylist()
-    shift = fit_shift(nums, [p["energy"] for p in pred_train], train_high.column("energy").to_pylist())
+def model_shift(pred_train: list[dict], train_high: pa.Table) -> dict[str, float]:
+    """Per-element shift (label - prediction) fitted on the training high frames."""
+    return fit_shift(train_high.column("numbers").to_pylist(), [p["energy"] for p in pred_train],
+                     train_high.column("energy").to_pylist())
+
+
+def shifted(pred_test: list[dict], test: pa.Table, shift: dict[str, float]) -> list[dict]:
+    """Test predictions + a per-element shift."""
     return [{"energy": p["energy"] + apply_shift(shift, z), "forces": p["forces"]}
             for p, z in zip(pred_test, test.column("numbers").to_pylist())]
 
@@ -144,11 +148,20 @@ def predicted_gap(terms: list, high: str, low: str, pairs: tuple[pa.Table, pa.Ta
     return None
 
 
-def pair_shift(sub: pa.Table, high: str, low: str) -> dict[str, float]:
-    """Per-element shift fitted on the kept high-fidelity structures' own high - low labels (no model at all)."""
+def shift_gap_mae(shift: dict[str, float], pairs: tuple[pa.Table, pa.Table]) -> float:
+    """:func:`gap_mae` of a per-element shift taken as the predicted high - low."""
+    return gap_mae([apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)
+
+
+def pair_shift_row(base: dict, sub: pa.Table, high: str, low: str, pairs: tuple[pa.Table, pa.Table]) -> dict:
+    """The ``pair-shift`` row: a per-element shift fitted on the kept high-fidelity structures' own high - low
+    labels (no model at all), scored as a predicted gap."""
     hi, lo = test_pairs(sub, high, low)
-    return fit_shift(hi.column("numbers").to_pylist(), lo.column("energy").to_pylist(),
-                     hi.column("energy").to_pylist())
+    shift = fit_shift(hi.column("numbers").to_pylist(), lo.column("energy").to_pylist(),
+                      hi.column("energy").to_pylist())
+    return {**base, "strategy": "pair-shift", "steps": 0, "energy_mae_meV_atom": math.nan,
+            "forces_mae_meV_A": math.nan, "train_s": 0.0, "total_s": 0.0,
+            "gap_mae_meV_atom": shift_gap_mae(shift, pairs)}
 
 
 #: where run_strategy leaves the checkpoint a user would take, per strategy (under <run dir>/<strategy dir>/)
@@ -176,11 +189,8 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
             if r["strategy"] == "pbe+shift":
                 model = load_checkpoint(run_dir / "pbe-only" / "last.pt")
                 train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
-                shift = fit_shift(train_high.column("numbers").to_pylist(),
-                                  [p["energy"] for p in predict([(model, args.low)], train_high)],
-                                  train_high.column("energy").to_pylist())
-                r["gap_mae_meV_atom"] = gap_mae(
-                    [apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)
+                shift = model_shift(predict([(model, args.low)], train_high), train_high)
+                r["gap_mae_meV_atom"] = shift_gap_mae(shift, pairs)
                 continue
             folder = f"{r['strategy']}-lr{r['lr']:g}" if r["strategy"] == "finetune-mf0" and "lr" in r else r["strategy"]
             path = run_dir / folder / CHECKPOINT_OF[r["strategy"]]
@@ -191,13 +201,10 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
             gap = predicted_gap(terms, args.high, args.low, pairs)
             r["gap_mae_meV_atom"] = gap_mae(gap, pairs) if gap is not None else math.nan
         if (fraction, seed, mode) not in have_pair:
-            shift = pair_shift(sub, args.high, args.low)
             base = next(r for r in rows if (r["fraction"], r["seed"], r.get("subset", "random")) == (fraction, seed, mode))
-            new.append({k: base[k] for k in ("fraction", "seed", "preset", "data_hash", "subset", "n_high", "n_low",
-                                             "n_test") if k in base}
-                       | {"strategy": "pair-shift", "steps": 0, "energy_mae_meV_atom": math.nan,
-                          "forces_mae_meV_A": math.nan, "train_s": 0.0, "total_s": 0.0, "gap_mae_meV_atom": gap_mae(
-                              [apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)})
+            new.append(pair_shift_row({k: base[k] for k in ("fraction", "seed", "preset", "data_hash", "subset",
+                                                            "n_high", "n_low", "n_test") if k in base},
+                                      sub, args.high, args.low, pairs))
     return new
 
 
@@ -300,10 +307,7 @@ def main() -> None:
             record({**base, "strategy": strategy, "steps": res.steps, "lr": lr, **err,
                     "checkpoint": str(res.checkpoint), "train_s": res.wall_s, "total_s": time.perf_counter() - t0})
         if ("pair-shift", fraction, seed, 0, args.preset, data_hash, mode, LR) not in done:
-            shift = pair_shift(sub, args.high, args.low)
-            record({**base, "strategy": "pair-shift", "steps": 0, "energy_mae_meV_atom": math.nan,
-                    "forces_mae_meV_A": math.nan, "train_s": 0.0, "total_s": 0.0, "gap_mae_meV_atom": gap_mae(
-                        [apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)})
+            record(pair_shift_row(base, sub, args.high, args.low, pairs))
         if args.no_floors:
             continue
         if ("pbe+shift", fraction, seed, args.steps, args.preset, data_hash, mode, LR) not in done:
@@ -312,13 +316,10 @@ def main() -> None:
             res = train(low_only, preset(args.preset), TrainConfig(batch_size=8, lr=LR, val_fraction=0.0,
                         seed=seed, max_steps=args.steps), run_dir / "pbe-only", resume=False)
             terms = [(res.model, args.low)]
-            pred_train = predict(terms, train_high)
-            preds = shifted(pred_train, train_high, predict(terms, test), test)
-            shift = fit_shift(train_high.column("numbers").to_pylist(), [p["energy"] for p in pred_train],
-                              train_high.column("energy").to_pylist())
-            gap = gap_mae([apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)
-            record({**base, "strategy": "pbe+shift", "steps": res.steps, **errors(preds, test),
-                    "gap_mae_meV_atom": gap, "checkpoint": str(res.last),
+            shift = model_shift(predict(terms, train_high), train_high)
+            record({**base, "strategy": "pbe+shift", "steps": res.steps,
+                    **errors(shifted(predict(terms, test), test, shift), test),
+                    "gap_mae_meV_atom": shift_gap_mae(shift, pairs), "checkpoint": str(res.last),
                     "train_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
         if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash, mode, LR) not in done:
             missing = [r for r in train_high.column("frame_id").to_pylist() if r not in mf0_train_cache]
@@ -328,7 +329,7 @@ def main() -> None:
                     mf0_train_cache[fid] = p
             pred_train = [mf0_train_cache[f] for f in train_high.column("frame_id").to_pylist()]
             record({**base, "strategy": "mf0+shift", "steps": 0,
-                    **errors(shifted(pred_train, train_high, mf0_test, test), test), "train_s": 0.0, "total_s": 0.0})
+                    **errors(shifted(mf0_test, test, model_shift(pred_train, train_high)), test), "train_s": 0.0, "total_s": 0.0})
     print_table(list(done.values()), args)
 
 
