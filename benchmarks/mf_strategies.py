@@ -52,6 +52,7 @@ from flows import tasks as demo_tasks
 from flows.demo import DEMO_EPOCHS
 from pipeline.hashing import frames_hash, structure_hash
 from pipeline.io import read_table
+from pipeline.label.sisn_set import first_structures
 from pipeline.model import UnknownElementError, load_checkpoint, preset
 from pipeline.model.composite import SumPotential
 from pipeline.schema import FRAMES_SCHEMA
@@ -227,6 +228,9 @@ def main() -> None:
     ap.add_argument("--cover-elements", action="store_true",
                     help="kept high-fidelity structures include every element (see subset()); rows are marked "
                          "subset=cover and tabled apart from the random subsets")
+    ap.add_argument("--structures", type=int, default=None,
+                    help="only the generated structures with index < N (and the relaxation steps), in training and "
+                         "test: the set as it was at N structures (see first_structures)")
     ap.add_argument("--out", default="reports/mf_strategies")
     ap.add_argument("--table-only", action="store_true", help="print the table of results.jsonl and exit")
     ap.add_argument("--rescore", action="store_true",
@@ -243,11 +247,11 @@ def main() -> None:
     if args.demo_seeds:
         demo_seeds(Path(args.data), out, [int(x) for x in args.demo_seeds.split(",")])
         return
-    frames = read_table(Path(args.data) / "frames", FRAMES_SCHEMA)
-    test = read_table(Path(args.data) / "test_frames", FRAMES_SCHEMA)
-    test = test.filter(pc.equal(test.column("fidelity"), args.high))
+    frames = first_structures(read_table(Path(args.data) / "frames", FRAMES_SCHEMA), args.structures)
+    test_all = first_structures(read_table(Path(args.data) / "test_frames", FRAMES_SCHEMA), args.structures)
+    test = test_all.filter(pc.equal(test_all.column("fidelity"), args.high))
     data_hash = frames_hash(frames)
-    pairs = test_pairs(read_table(Path(args.data) / "test_frames", FRAMES_SCHEMA), args.high, args.low)
+    pairs = test_pairs(test_all, args.high, args.low)
     strategies = [s for s in args.strategies.split(",") if s]
     if args.full and "finetune-mf0" not in strategies:
         strategies.append("finetune-mf0")
@@ -269,7 +273,7 @@ def main() -> None:
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, results_path)
-        print_table(rows, args)
+        print_table(rows, args, data_hash)
         return
 
     def record(row: dict) -> None:
@@ -330,7 +334,7 @@ def main() -> None:
             pred_train = [mf0_train_cache[f] for f in train_high.column("frame_id").to_pylist()]
             record({**base, "strategy": "mf0+shift", "steps": 0,
                     **errors(shifted(mf0_test, test, model_shift(pred_train, train_high)), test), "train_s": 0.0, "total_s": 0.0})
-    print_table(list(done.values()), args)
+    print_table(list(done.values()), args, data_hash)
 
 
 def demo_seeds(data: Path, out: Path, seeds: list[int]) -> None:
@@ -376,17 +380,21 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
-def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds)."""
+def print_table(rows: list[dict], args: argparse.Namespace, data_hash: str) -> None:
+    """Markdown table: held-out high-fidelity E MAE (meV/atom), F MAE (meV/A), time (s); mean ± std (n seeds).
+
+    Only rows of this data (``data_hash``: the training frames ``--data`` / ``--structures`` select)."""
     mode = "cover" if args.cover_elements else "random"
     rows = [r for r in rows if r["preset"] == args.preset and r.get("subset", "random") == mode
+            and r["data_hash"] == data_hash
             and (r["steps"] in (0, args.steps) if r["strategy"] != "finetune-mf0"
                  else (r["steps"], r.get("lr", LR)) == (args.mf0_steps or args.steps, args.mf0_lr))]
     fractions = sorted({r["fraction"] for r in rows})
     names = [s for s in [*STRATEGIES, "pbe+shift", "mf0+shift"] if any(r["strategy"] == s for r in rows)]
     gap_names = [s for s in [*names, "pair-shift"] if any(r["strategy"] == s and math.isfinite(
         r.get("gap_mae_meV_atom", math.nan)) for r in rows)]
-    print(f"\nheld-out {args.high}: energy MAE meV/atom | force MAE meV/A | train s; mean ± std over seeds (n)")
+    print(f"\ndata {args.data} (training frames' hash {data_hash}), preset {args.preset}, {args.steps} steps")
+    print(f"held-out {args.high}: energy MAE meV/atom | force MAE meV/A | train s; mean ± std over seeds (n)")
     print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
     print("|---|" + "---|" * len(fractions))
     for name in names:

@@ -106,3 +106,20 @@ def test_manifest_matches_the_data(sisn):
     assert counts["entries"] == len(entries)
     assert manifest["gap"] == json.loads(json.dumps(gap_stats(frames + test_frames)))
     assert (SISN / "README.md").is_file() and (SISN / "convergence.json").is_file()
+
+
+def test_first_structures_is_the_set_as_it_was():
+    """``first_structures(frames, n)``: the generated structures below index n plus every relaxation step; all
+    of them at n past the last index (the benchmark's ``--structures`` reproduces tables of a smaller set)."""
+    from pipeline.hashing import frames_hash
+    from pipeline.label.sisn_set import first_structures
+
+    frames = read_part(SISN, "frames")
+    index = [_meta(r).get("index") for r in frames.to_pylist()]
+    last = max(i for i in index if i is not None)
+    assert frames_hash(first_structures(frames, last + 1)) == frames_hash(frames)
+    assert first_structures(frames, None) is frames
+    some = first_structures(frames, 20).to_pylist()
+    assert {_meta(r).get("index") for r in some} - {None} == {i for i in index if i is not None and i < 20}
+    assert sum(_meta(r).get("index") is None for r in some) == index.count(None) > 0  # relaxation steps kept
+    assert all(_meta(r).get("index") is None for r in first_structures(frames, 0).to_pylist())

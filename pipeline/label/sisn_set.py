@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from ase import Atoms
 from ase.build import bulk
 from ase.spacegroup import crystal
@@ -187,6 +188,20 @@ def structure(index: int, seed: int = SEED) -> tuple[str, Atoms, dict[str, Any]]
 
 
 # ------------------------------------------------------------------------------------------------ phases
+
+def first_structures(frames: pa.Table, n: int | None) -> pa.Table:
+    """Frames of the generated structures with index < ``n`` (``meta["index"]``: :func:`structure`'s ``index``)
+    plus every frame without one (the relaxed phases' ionic steps); ``n`` None: all.
+
+    The set only grows (structure i comes from its own random stream, ids never shift), so for ``n`` past the
+    relaxations (``BLOCKS``) this is the set exactly as it was when it had ``n`` structures: a table measured then
+    is reproduced on the grown set (the same data hash); over several ``n`` it gives a learning curve."""
+    if n is None:
+        return frames
+    index = [json.loads(m or "{}").get("index") for m in frames.column("meta").to_pylist()]
+    keep = [i is None or i < n for i in index]
+    return frames.filter(pa.array(keep, pa.bool_()))
+
 
 def _phase(prototype: str, symbols: str | list[str], name: str, source: str) -> Phase:
     return Phase(name, lambda: phase_atoms(prototype, symbols), source)
