@@ -57,7 +57,9 @@ __all__ = ["STRATEGIES", "StrategyResult", "delta_frames", "predict", "run_strat
 STRATEGIES = ("mf", "mf-prior", "single", "transfer", "delta", "multihead", "meta", "finetune-mf0")
 
 #: ``fidelity_prior`` of the ``mf-prior`` strategy when the config has none (on data/sisn at 10 % r2SCAN, 300
-#: steps, 3 seeds: 0.01, 0.1 and 1 gave 115, 113 and 112 meV/atom against plain mf's 135)
+#: steps, 3 seeds: 0.01, 0.1 and 1 gave 115, 113 and 112 meV/atom against plain mf's 135; trained to convergence,
+#: 3000 steps on the 63-structure set, 0.1 gave 60.6 ± 11.7 against mf's 55.5 ± 20.8: a smaller seed spread, no
+#: gain on the mean; README "Multi-fidelity strategies on data/sisn")
 MF_PRIOR = 0.1
 
 #: fidelities of the imported SevenNet-MF-0 a data fidelity starts from, by the data fidelity's name
