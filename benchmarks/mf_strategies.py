@@ -59,7 +59,7 @@ from pipeline.model.composite import SumPotential
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import TrainConfig, train
 from pipeline.train.finetune import FINETUNE_LR, apply_shift, fit_shift
-from pipeline.train.strategies import STRATEGIES, errors, predict, run_strategy
+from pipeline.train.strategies import STRATEGIES, errors, paired_rows, predict, run_strategy
 
 DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
 
@@ -117,16 +117,9 @@ def shifted(pred_test: list[dict], test: pa.Table, shift: dict[str, float]) -> l
 
 def test_pairs(test_all: pa.Table, high: str, low: str) -> tuple[pa.Table, pa.Table]:
     """The held-out structures labelled (energy) at both fidelities: (high frames, low frames), row-aligned."""
-    rows = test_all.to_pylist()
-    lows = {structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]): r for r in rows
-            if r["fidelity"] == low and r["has_energy"]}
-    hi, lo = [], []
-    for r in rows:
-        k = structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"])
-        if r["fidelity"] == high and r["has_energy"] and k in lows:
-            hi.append(r)
-            lo.append(lows[k])
-    return (pa.Table.from_pylist(hi, schema=test_all.schema), pa.Table.from_pylist(lo, schema=test_all.schema))
+    pairs = [(h, lo) for h, lo in paired_rows(test_all, high, low) if h["has_energy"] and lo["has_energy"]]
+    return (pa.Table.from_pylist([h for h, _ in pairs], schema=test_all.schema),
+            pa.Table.from_pylist([lo for _, lo in pairs], schema=test_all.schema))
 
 
 def gap_mae(pred_gap: list[float], pairs: tuple[pa.Table, pa.Table]) -> float:

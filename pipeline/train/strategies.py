@@ -52,7 +52,7 @@ from pipeline.train.evaluation import predict
 from pipeline.train.losses import loss_terms, total_loss
 from pipeline.train.trainer import TrainConfig, build_model, train
 
-__all__ = ["STRATEGIES", "StrategyResult", "delta_frames", "predict", "run_strategy"]
+__all__ = ["STRATEGIES", "StrategyResult", "delta_frames", "paired_rows", "predict", "run_strategy"]
 
 STRATEGIES = ("mf", "mf-prior", "single", "transfer", "delta", "multihead", "meta", "finetune-mf0")
 
@@ -85,21 +85,28 @@ def _only(frames: pa.Table, fidelity: str) -> pa.Table:
     return frames.filter(pc.equal(frames.column("fidelity"), fidelity))
 
 
-def delta_frames(frames: pa.Table, high: str, low: str, name: str = "delta") -> pa.Table:
-    """Frames of ``high - low`` (energy, forces, stress where both have them) for every structure labelled at
-    both fidelities (paired by :func:`pipeline.hashing.structure_hash`), at fidelity ``name``."""
+def paired_rows(frames: pa.Table, high: str, low: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(high row, low row) of every structure labelled at both fidelities, paired by
+    :func:`pipeline.hashing.structure_hash` (the first low row of a structure), in the high rows' order."""
     rows = frames.to_pylist()
     lows: dict[str, dict[str, Any]] = {}
     for r in rows:
         if r["fidelity"] == low:
             lows.setdefault(structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]), r)
-    out = []
+    pairs = []
     for r in rows:
-        if r["fidelity"] != high:
-            continue
-        lo = lows.get(structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]))
-        if lo is None:
-            continue
+        if r["fidelity"] == high:
+            lo = lows.get(structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]))
+            if lo is not None:
+                pairs.append((r, lo))
+    return pairs
+
+
+def delta_frames(frames: pa.Table, high: str, low: str, name: str = "delta") -> pa.Table:
+    """Frames of ``high - low`` (energy, forces, stress where both have them) for every structure labelled at
+    both fidelities (:func:`paired_rows`), at fidelity ``name``."""
+    out = []
+    for r, lo in paired_rows(frames, high, low):
         d = dict(r, fidelity=name, frame_id=f"{r['frame_id']}-minus-{low}", source="delta")
         for lab in ("energy", "forces", "stress"):
             ok = bool(r[f"has_{lab}"]) and bool(lo[f"has_{lab}"])
