@@ -235,6 +235,8 @@ def main() -> None:
                          f"{DEMO_EPOCHS} epochs, best.pt on validation) with these seeds, e.g. 0,1,2, and print its "
                          "held-out errors per fidelity, mean ± std (the README's demo numbers)")
     args = ap.parse_args()
+    if args.structures is not None and args.structures < 1:
+        ap.error(f"--structures must be >= 1 (got {args.structures})")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
