@@ -32,9 +32,16 @@ class Labels:
     has_stress: torch.Tensor
     n_atoms: torch.Tensor
     fidelity: torch.Tensor
+    #: paired-gap labels (:class:`FrameData` ``gap_pairs``): energy of this frame minus that of the same structure
+    #: at ``gap_fidelity`` (B,) eV, where ``has_gap``; None when no pairs were asked for
+    gap: torch.Tensor | None = None
+    has_gap: torch.Tensor | None = None
+    gap_fidelity: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Labels:
-        def conv(t: torch.Tensor) -> torch.Tensor:
+        def conv(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return Labels(**{k: conv(v) for k, v in self.__dict__.items()})
@@ -48,7 +55,11 @@ def label_policy_mask(fidelity: str, policy: Mapping[str, Sequence[str]] | None,
 
 
 class FrameData:
-    """Frames prepared for training a model with the given cutoff and fidelity order."""
+    """Frames prepared for training a model with the given cutoff and fidelity order.
+
+    ``gap_pairs`` ({high: low} fidelity names): every frame of ``high`` whose structure (:func:`structure_hash`)
+    also has a ``low`` frame with an energy gets a paired-gap label, its energy minus the low frame's, for the
+    trainer's ``gap_weight`` loss term."""
 
     def __init__(
         self,
@@ -56,6 +67,7 @@ class FrameData:
         cutoff: float,
         fidelities: Sequence[str],
         label_policy: Mapping[str, Sequence[str]] | None = None,
+        gap_pairs: Mapping[str, str] | None = None,
     ) -> None:
         rows = frames.to_pylist()
         if not rows:
@@ -83,6 +95,22 @@ class FrameData:
             self.has_forces.append(use_f)
             self.stress.append(np.asarray(r["stress"], dtype=float) if use_s else np.zeros((3, 3)))
             self.has_stress.append(use_s)
+        self.gap_pairs = dict(gap_pairs or {})
+        self.gap: list[float] = [0.0] * len(rows)
+        self.has_gap: list[bool] = [False] * len(rows)
+        self.gap_fidelity: list[int] = [0] * len(rows)
+        names = [str(f).lower() for f in fidelities]
+        for high, low in self.gap_pairs.items():
+            if high not in names or low not in names:
+                raise ValueError(f"gap pair {high}={low}: both fidelities must be in the model ({', '.join(names)})")
+            lows: dict[str, float] = {}
+            for i, (key, fid) in enumerate(zip(self.structure_keys, self.fidelity_names)):
+                if fid == low and self.has_energy[i]:
+                    lows.setdefault(key, self.energy[i])
+            for i, (key, fid) in enumerate(zip(self.structure_keys, self.fidelity_names)):
+                if fid == high and self.has_energy[i] and key in lows:
+                    self.gap[i], self.has_gap[i] = self.energy[i] - lows[key], True
+                    self.gap_fidelity[i] = names.index(low)
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -109,6 +137,10 @@ class FrameData:
             n_atoms=n_atoms,
             fidelity=graph.fidelity.clone(),
         )
+        if self.gap_pairs:
+            labels.gap = torch.tensor([self.gap[i] for i in indices], dtype=torch.float64)
+            labels.has_gap = torch.tensor([self.has_gap[i] for i in indices])
+            labels.gap_fidelity = torch.tensor([self.gap_fidelity[i] for i in indices])
         return graph, labels
 
 

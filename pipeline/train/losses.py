@@ -65,3 +65,20 @@ def loss_terms(out: dict[str, torch.Tensor], labels: Labels, *, kind: str = "mse
 
 def total_loss(terms: dict[str, tuple[torch.Tensor, int]], weights: LossWeights) -> torch.Tensor:
     return sum(getattr(weights, k) * v for k, (v, _) in terms.items())
+
+
+def gap_loss(energy: torch.Tensor, energy_other: torch.Tensor, labels: Labels, *, kind: str = "mse",
+             delta: float = 0.01) -> tuple[torch.Tensor, int]:
+    """Paired-gap term: the predicted energy difference between a frame's fidelity and its paired fidelity on
+    the same structure (``energy - energy_other``, per atom) against the labelled difference (``labels.gap``),
+    over the frames with ``labels.has_gap``.
+
+    Why: with a few high-fidelity structures the joint model's high-fidelity energy error is dominated by the
+    absolute energy of each structure, which the plentiful low fidelity already pins down; the difference of two
+    labels of one structure is the small, smooth signal a Delta model learns from. This term gives the joint model
+    the same target without a second model (no library offers it: SevenNet-MF and MACE fit each fidelity's
+    energies on their own)."""
+    if labels.gap is None or labels.has_gap is None:
+        return energy.sum() * 0.0, 0
+    n = labels.n_atoms.to(energy.dtype)
+    return _masked((energy - energy_other) / n, labels.gap / n, labels.has_gap, None, kind, delta)

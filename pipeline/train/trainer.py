@@ -64,7 +64,7 @@ from pipeline.train.finetune import (
     source_offsets,
     tie_fidelity_rows,
 )
-from pipeline.train.losses import LOSS_KINDS, LossWeights, loss_terms, total_loss
+from pipeline.train.losses import LOSS_KINDS, LossWeights, gap_loss, loss_terms, total_loss
 from pipeline.train.scale import (
     PRECISIONS,
     evaluate_stream,
@@ -89,7 +89,7 @@ _NOT_IN_RUN_KEY = ("num_workers", "checkpoint_every")
 #: written before they existed still resumes)
 _NEW_DEFAULTS = {"fidelity_prior": 0.0, "stream": None, "max_atoms": None, "max_edges": None,
                  "sampling_weights": None, "accumulate": 1, "precision": "float32", "buffer_rows": 10_000,
-                 "reference_frames": 20_000}
+                 "reference_frames": 20_000, "gap_pairs": None, "gap_weight": 0.0}
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,10 @@ class TrainConfig:
     references and scales), so that a scarce fidelity learns a difference instead of a random head.
     ``fidelity_prior``: weight of :func:`pipeline.train.finetune.fidelity_gap_penalty` in the loss (0: off), a
     prior that the fidelities' conditioned weights stay close, so a scarce fidelity departs from the plentiful one
-    only as far as its labels support."""
+    only as far as its labels support.
+    ``gap_pairs`` ({high: low}) and ``gap_weight``: a loss term (:func:`pipeline.train.losses.gap_loss`, weight
+    ``gap_weight`` like ``weights.energy``) on the predicted ``high - low`` energy of every training structure
+    labelled at both, so the joint model learns the difference of the fidelities directly (in-memory path only)."""
 
     epochs: int = 100
     max_steps: int | None = None
@@ -147,6 +150,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     buffer_rows: int = 10_000
     reference_frames: int = 20_000
+    gap_pairs: dict[str, str] | None = None
+    gap_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -157,6 +162,15 @@ class TrainConfig:
             raise ValueError(f"freeze must be one of {FREEZE_MODES}, got {self.freeze!r}")
         if not (self.fidelity_prior >= 0 and math.isfinite(self.fidelity_prior)):
             raise ValueError(f"fidelity_prior must be a finite number >= 0, got {self.fidelity_prior}")
+        if not (self.gap_weight >= 0 and math.isfinite(self.gap_weight)):
+            raise ValueError(f"gap_weight must be a finite number >= 0, got {self.gap_weight}")
+        if self.gap_pairs:
+            pairs = {str(k).strip().lower(): str(v).strip().lower() for k, v in self.gap_pairs.items()}
+            if any(k == v for k, v in pairs.items()):
+                raise ValueError(f"a gap pair needs two different fidelities, got {pairs}")
+            object.__setattr__(self, "gap_pairs", pairs)
+        if self.gap_weight and not self.gap_pairs:
+            raise ValueError("gap_weight needs gap_pairs (e.g. {'r2scan': 'pbe'}): which fidelities to pair")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -242,7 +256,7 @@ def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
     else:
         config = prepare_config(frames, model_config)
         fidelities, cutoff = config.fidelities, config.cutoff
-    data = FrameData(frames, cutoff, fidelities)
+    data = FrameData(frames, cutoff, fidelities, gap_pairs=cfg.gap_pairs if cfg.gap_weight else None)
     train_idx, val_idx = split_by_group(data.groups, cfg.val_fraction, cfg.seed)
     if not train_idx:
         raise ValueError("training split is empty: lower val_fraction or add frames")
@@ -336,6 +350,9 @@ def build_streamed(path: Path, model_config: ModelConfig, cfg: TrainConfig,
 
 def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, world_size: int = 1) -> bool:
     """Whether :func:`train` streams ``frames`` (see :data:`STREAM_ABOVE_FRAMES`)."""
+    if cfg.gap_weight and (cfg.stream or world_size > 1):
+        raise ValueError("gap_weight (paired-gap loss) is supported on the in-memory path only, not streamed or "
+                         "distributed training")
     if isinstance(frames, pa.Table):
         if cfg.stream or world_size > 1:
             raise ValueError("streamed or distributed training reads a frames dataset folder: pass its path")
@@ -348,6 +365,9 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
             raise ValueError("distributed training streams its data: do not set stream=False under torchrun")
         return cfg.stream
     if world_size > 1 or cfg.max_atoms is not None or cfg.max_edges is not None or cfg.sampling_weights:
+        if cfg.gap_weight:
+            raise ValueError("gap_weight (paired-gap loss) is supported on the in-memory path only: drop "
+                             "max_atoms / max_edges / sampling_weights or pass a frames table")
         return True
     try:
         return frame_count(frames) > STREAM_ABOVE_FRAMES
@@ -561,6 +581,7 @@ def _train(frames, model_config, cfg, out_dir, ctx, *, references, reference_ove
         totals = dict(zip(names, totals_t))
         optimizer.zero_grad(set_to_none=True)
         loss_sum, term_sums = 0.0, dict.fromkeys(names, 0.0)
+        gap_sum = 0.0
         for j, (graph, labels) in enumerate(moved):
             # DDP all-reduces the gradients in the backward pass of the last micro-batch only
             sync = net.no_sync() if ddp and j < len(moved) - 1 else contextlib.nullcontext()
@@ -572,6 +593,14 @@ def _train(frames, model_config, cfg, out_dir, ctx, *, references, reference_ove
                     loss = total_loss(terms, cfg.weights)
                 else:
                     loss = scaled_loss(terms, cfg.weights, counts[j], totals, world)
+                if cfg.gap_weight and labels.has_gap is not None and bool(labels.has_gap.any()):
+                    # the same structures at their paired fidelity (energy only), for the predicted gap
+                    other = torch.where(labels.has_gap, labels.gap_fidelity, graph.fidelity)
+                    with precision_context(cfg.precision, model):
+                        low = net(graph.with_fidelity(other), compute_forces=False, compute_stress=False)
+                    g, _ = gap_loss(out["energy"], low["energy"], labels, kind=cfg.loss, delta=cfg.huber_delta)
+                    loss = loss + cfg.gap_weight * g / len(moved)
+                    gap_sum += float(g.detach()) / len(moved)
                 if cfg.fidelity_prior and j == len(moved) - 1:
                     # a prior on the weights: once per optimizer step; every rank adds the same term and DDP
                     # averages the ranks' gradients, so its gradient is counted once
@@ -589,6 +618,8 @@ def _train(frames, model_config, cfg, out_dir, ctx, *, references, reference_ove
             term_sums = dict(zip(names, reduced[1:-1].tolist()))
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
+        if cfg.gap_weight:
+            term_sums["gap"] = gap_sum
         return loss_sum, term_sums, structures
 
     def validate() -> dict[str, float]:
@@ -613,6 +644,8 @@ def _train(frames, model_config, cfg, out_dir, ctx, *, references, reference_ove
             t0 = time.perf_counter()
             net.train()
             sums = {"loss": 0.0, "energy": 0.0, "forces": 0.0, "stress": 0.0}
+            if cfg.gap_weight:
+                sums["gap"] = 0.0
             seen, micro_done = 0, 0
             if partial is not None and int(partial["epoch"]) == epoch:
                 sums, seen, micro_done = dict(partial["sums"]), int(partial["seen"]), int(partial["micro_done"])
