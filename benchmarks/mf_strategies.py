@@ -27,8 +27,8 @@ issue-10 targets at 10 %, each with its numbers and met / not met.
 
 Results are appended to ``<out>/results.jsonl`` (one line per run, keyed by strategy, fraction, seed, steps,
 preset and data hash): re-running skips what is done, so the grid can grow across sessions. The default grid
-(8 strategies + floors, 4 fractions, 3 seeds, 100 steps) is sized for ~50 min on a quiet 2-core machine
-(far from converged: on data/sisn the ranking settles near 3000 steps, see README);
+(7 strategies + floors, 4 fractions, 3 seeds, 100 steps; 8 strategies since mf-gap, not re-timed) was sized for
+~45 min on a quiet 2-core machine (far from converged: on data/sisn the ranking settles near 3000 steps, see README);
 ``--full`` adds ``finetune-mf0`` (needs ``--mf0``; on data/sisn 100 steps of batch 8 took 26-45 s here, one
 thread, load ~3).
 """
