@@ -143,6 +143,17 @@ def predicted_gap(terms: list, high: str, low: str, pairs: tuple[pa.Table, pa.Ta
     return None
 
 
+def predicted_low(terms: list, low: str, pairs: tuple[pa.Table, pa.Table]) -> float:
+    """MAE (meV/atom) of a trained strategy's own low-fidelity prediction on the held-out pairs' low labels (the
+    low surface every r2SCAN prediction here is built on: one model's ``low`` head, or ``delta``'s low model);
+    NaN when the strategy has no low-fidelity prediction (``single``, ``transfer``, ``meta``)."""
+    if len(terms) == 2 and terms[1][1] == "delta":
+        terms = [terms[0]]
+    if len(terms) != 1 or low not in terms[0][0].fidelities:
+        return math.nan
+    return errors(predict([(terms[0][0], low)], pairs[1]), pairs[1])["energy_mae_meV_atom"]
+
+
 def shift_gap_mae(shift: dict[str, float], pairs: tuple[pa.Table, pa.Table]) -> float:
     """:func:`gap_mae` of a per-element shift taken as the predicted high - low."""
     return gap_mae([apply_shift(shift, z) for z in pairs[0].column("numbers").to_pylist()], pairs)
@@ -167,8 +178,9 @@ CHECKPOINT_OF = {"mf": "mf/last.pt", "mf-prior": "mf-prior/last.pt", "mf-gap": "
 
 def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.Table], out: Path,
                  args: argparse.Namespace, data_hash: str) -> list[dict]:
-    """Add ``gap_mae_meV_atom`` to rows of this data set that lack it, from their saved checkpoints (rows of runs
-    made before the gap metric existed), and the ``pair-shift`` rows of their subsets; returns the new rows."""
+    """Add ``gap_mae_meV_atom`` and ``low_mae_meV_atom`` to rows of this data set that lack them, from their saved
+    checkpoints (rows of runs made before these metrics existed), and the ``pair-shift`` rows of their subsets;
+    returns the new rows."""
     new = []
     groups = {(r["fraction"], r["seed"], r.get("subset", "random")) for r in rows if r["data_hash"] == data_hash}
     have_pair = {(r["fraction"], r["seed"], r.get("subset", "random")) for r in rows if r["strategy"] == "pair-shift"}
@@ -176,16 +188,18 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
         sub = subset(frames, args.high, fraction, seed, cover=mode == "cover")
         run_dir = out / "runs" / f"p{round(100 * fraction)}-s{seed}"
         mine = [r for r in rows if (r["fraction"], r["seed"], r.get("subset", "random")) == (fraction, seed, mode)
-                and r["data_hash"] == data_hash and "gap_mae_meV_atom" not in r and "error" not in r]
+                and r["data_hash"] == data_hash and "error" not in r and r["strategy"] != "pair-shift"
+                and ("gap_mae_meV_atom" not in r or "low_mae_meV_atom" not in r)]
         for r in mine:
             if r["strategy"] == "mf0+shift":
-                r["gap_mae_meV_atom"] = math.nan
+                r["gap_mae_meV_atom"] = r["low_mae_meV_atom"] = math.nan
                 continue
             if r["strategy"] == "pbe+shift":
                 model = load_checkpoint(run_dir / "pbe-only" / "last.pt")
                 train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
                 shift = model_shift(predict([(model, args.low)], train_high), train_high)
                 r["gap_mae_meV_atom"] = shift_gap_mae(shift, pairs)
+                r["low_mae_meV_atom"] = predicted_low([(model, args.low)], args.low, pairs)
                 continue
             folder = f"{r['strategy']}-lr{r['lr']:g}" if r["strategy"] == "finetune-mf0" and "lr" in r else r["strategy"]
             path = run_dir / folder / CHECKPOINT_OF[r["strategy"]]
@@ -195,6 +209,7 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
             terms = model.terms if isinstance(model, SumPotential) else [(model, args.high)]
             gap = predicted_gap(terms, args.high, args.low, pairs)
             r["gap_mae_meV_atom"] = gap_mae(gap, pairs) if gap is not None else math.nan
+            r["low_mae_meV_atom"] = predicted_low(terms, args.low, pairs)
         if (fraction, seed, mode) not in have_pair:
             base = next(r for r in rows if (r["fraction"], r["seed"], r.get("subset", "random")) == (fraction, seed, mode))
             new.append(pair_shift_row({k: base[k] for k in ("fraction", "seed", "preset", "data_hash", "subset",
@@ -302,6 +317,7 @@ def main() -> None:
                 err = errors(predict(res.terms, test), test)
                 gap = predicted_gap(res.terms, args.high, args.low, pairs)
                 err["gap_mae_meV_atom"] = gap_mae(gap, pairs) if gap is not None else math.nan
+                err["low_mae_meV_atom"] = predicted_low(res.terms, args.low, pairs)
             except UnknownElementError as exc:  # e.g. `single` trained on kept r2SCAN structures of one element
                 err = {"energy_mae_meV_atom": math.nan, "forces_mae_meV_A": math.nan, "error": str(exc)}
             record({**base, "strategy": strategy, "steps": res.steps, "lr": lr, **err,
@@ -319,7 +335,8 @@ def main() -> None:
             shift = model_shift(predict(terms, train_high), train_high)
             record({**base, "strategy": "pbe+shift", "steps": res.steps,
                     **errors(shifted(predict(terms, test), test, shift), test),
-                    "gap_mae_meV_atom": shift_gap_mae(shift, pairs), "checkpoint": str(res.last),
+                    "gap_mae_meV_atom": shift_gap_mae(shift, pairs),
+                    "low_mae_meV_atom": predicted_low(terms, args.low, pairs), "checkpoint": str(res.last),
                     "train_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t0})
         if mf0_model is not None and ("mf0+shift", fraction, seed, 0, args.preset, data_hash, mode, LR) not in done:
             missing = [r for r in train_high.column("frame_id").to_pylist() if r not in mf0_train_cache]
@@ -413,6 +430,17 @@ def print_table(rows: list[dict], args: argparse.Namespace, data_hash: str) -> N
         print("|---|" + "---|" * len(fractions))
         for name in gap_names:
             print(f"| {name} | " + " | ".join(_ms([r.get("gap_mae_meV_atom", math.nan) for r in rows
+                                                   if r["strategy"] == name and r["fraction"] == f])
+                                               for f in fractions) + " |")
+    low_names = [s for s in names if any(r["strategy"] == s and math.isfinite(r.get("low_mae_meV_atom", math.nan))
+                                         for r in rows)]
+    if low_names:
+        print(f"\nheld-out {args.low} (the low surface each r2SCAN prediction is built on: its {args.low} head; delta and "
+              "pbe+shift: the low model) against the same structures' low labels: MAE meV/atom, mean ± std")
+        print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
+        print("|---|" + "---|" * len(fractions))
+        for name in low_names:
+            print(f"| {name} | " + " | ".join(_ms([r.get("low_mae_meV_atom", math.nan) for r in rows
                                                    if r["strategy"] == name and r["fraction"] == f])
                                                for f in fractions) + " |")
     print_targets(rows)
