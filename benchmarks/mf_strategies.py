@@ -195,6 +195,8 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
                 r["gap_mae_meV_atom"] = r["low_mae_meV_atom"] = math.nan
                 continue
             if r["strategy"] == "pbe+shift":
+                if not (run_dir / "pbe-only" / "last.pt").exists():  # made in another out folder
+                    continue
                 model = load_checkpoint(run_dir / "pbe-only" / "last.pt")
                 train_high = sub.filter(pc.equal(sub.column("fidelity"), args.high))
                 shift = model_shift(predict([(model, args.low)], train_high), train_high)
