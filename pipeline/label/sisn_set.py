@@ -195,7 +195,9 @@ def first_structures(frames: pa.Table, n: int | None) -> pa.Table:
 
     The set only grows (structure i comes from its own random stream, ids never shift), so for ``n`` past the
     relaxations (``BLOCKS``) this is the set exactly as it was when it had ``n`` structures: a table measured then
-    is reproduced on the grown set (the same data hash); over several ``n`` it gives a learning curve."""
+    is reproduced on the grown set (the same data hash); over several ``n`` it gives a learning curve. Except
+    when a stop cut structure ``n - 1`` between its two fidelities: the grown set has both of its labels, so the
+    old set (one label) is only in git history."""
     if n is None:
         return frames
     index = [json.loads(m or "{}").get("index") for m in frames.column("meta").to_pylist()]
