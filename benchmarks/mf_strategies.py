@@ -385,6 +385,17 @@ def demo_seeds(data: Path, out: Path, seeds: list[int]) -> None:
     print("| train s | " + " | ".join(f"{r['train_s']:.0f}" for r in rows) + " | |")
 
 
+def _metric_table(rows: list[dict], fractions: list[float], names: list[str], key: str, title: str) -> None:
+    """Markdown table of one per-row metric ``key``: strategy x fraction, mean ± std over seeds."""
+    print(f"\n{title}")
+    print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
+    print("|---|" + "---|" * len(fractions))
+    for name in names:
+        print(f"| {name} | " + " | ".join(_ms([r.get(key, math.nan) for r in rows
+                                               if r["strategy"] == name and r["fraction"] == f])
+                                           for f in fractions) + " |")
+
+
 def _ms(values: list[float]) -> str:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -425,26 +436,17 @@ def print_table(rows: list[dict], args: argparse.Namespace, data_hash: str) -> N
                          + (f", {failed} failed" if (failed := sum("error" in r for r in mine)) else "") + ")")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if gap_names:
-        print(f"\nheld-out r2SCAN - PBE as each strategy predicts it (its {args.high} minus its {args.low} prediction; "
-              "delta: its second model; pbe+shift: the shift; pair-shift: a per-element shift fitted on the kept "
-              "structures' own labels, no model): MAE meV/atom, mean ± std over seeds")
-        print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
-        print("|---|" + "---|" * len(fractions))
-        for name in gap_names:
-            print(f"| {name} | " + " | ".join(_ms([r.get("gap_mae_meV_atom", math.nan) for r in rows
-                                                   if r["strategy"] == name and r["fraction"] == f])
-                                               for f in fractions) + " |")
+        _metric_table(rows, fractions, gap_names, "gap_mae_meV_atom",
+                      f"held-out r2SCAN - PBE as each strategy predicts it (its {args.high} minus its {args.low} "
+                      "prediction; delta: its second model; pbe+shift: the shift; pair-shift: a per-element shift "
+                      "fitted on the kept structures' own labels, no model): MAE meV/atom, mean ± std over seeds")
     low_names = [s for s in names if any(r["strategy"] == s and math.isfinite(r.get("low_mae_meV_atom", math.nan))
                                          for r in rows)]
     if low_names:
-        print(f"\nheld-out {args.low} (the low surface each r2SCAN prediction is built on: its {args.low} head; delta and "
-              "pbe+shift: the low model) against the same structures' low labels: MAE meV/atom, mean ± std")
-        print("| strategy | " + " | ".join(f"{round(100 * f)} %" for f in fractions) + " |")
-        print("|---|" + "---|" * len(fractions))
-        for name in low_names:
-            print(f"| {name} | " + " | ".join(_ms([r.get("low_mae_meV_atom", math.nan) for r in rows
-                                                   if r["strategy"] == name and r["fraction"] == f])
-                                               for f in fractions) + " |")
+        _metric_table(rows, fractions, low_names, "low_mae_meV_atom",
+                      f"held-out {args.low} (the low surface each r2SCAN prediction is built on: its {args.low} "
+                      "head; delta and pbe+shift: the low model) against the same structures' low labels: MAE "
+                      "meV/atom, mean ± std")
     print_targets(rows)
 
 
