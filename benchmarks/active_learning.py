@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STRATEGIES = ("uncertainty", "random")
+STRATEGIES = ("uncertainty", "lookahead", "random")
 
 
 def _pool(path: str):
@@ -157,22 +157,25 @@ def collect(out: Path, tag: str = "") -> dict:
                 row[f"{key}_mean"], row[f"{key}_std"] = _ms([c[r].get(key) for c in curves])
             rows.append(row)
         res["strategies"][st] = rows
-    u, rnd = res["strategies"].get("uncertainty"), res["strategies"].get("random")
-    if u and rnd:
+    rnd = res["strategies"].get("random")
+    res["target_f1"] = {}
+    for st in STRATEGIES:
+        u = res["strategies"].get(st)
+        if st == "random" or not u or not rnd:
+            continue
         n0 = rnd[0]["n_calcs"]
         acq_r = rnd[-1]["n_calcs"] - n0
         half = max((row for row in u if row["n_calcs"] - n0 <= acq_r / 2), key=lambda row: row["round"])
         f_rand = res["per_seed"]["random"]
-        f_unc = res["per_seed"]["uncertainty"]
+        f_unc = res["per_seed"][st]
         paired = sorted(set(f_rand) & set(f_unc), key=int)
         d = [f_unc[sd]["F1"][half["round"]] - f_rand[sd]["F1"][-1] for sd in paired]
         gain = [f_rand[sd]["F1"][-1] - f_rand[sd]["F1"][0] for sd in paired]
-        res["target_f1"] = {
+        t = {
             "random_final_round": rnd[-1]["round"], "random_calcs": rnd[-1]["n_calcs"], "random_acquired": acq_r,
             "random_final_F1": rnd[-1]["F1_mean"], "random_final_F1_std": rnd[-1]["F1_std"],
-            "uncertainty_half_round": half["round"], "uncertainty_half_calcs": half["n_calcs"],
-            "uncertainty_half_acquired": half["n_calcs"] - n0,
-            "uncertainty_half_F1": half["F1_mean"], "uncertainty_half_F1_std": half["F1_std"],
+            "half_round": half["round"], "half_calcs": half["n_calcs"], "half_acquired": half["n_calcs"] - n0,
+            "half_F1": half["F1_mean"], "half_F1_std": half["F1_std"],
             "paired_seeds": [int(x) for x in paired], "paired_diff": d, "paired_diff_mean": _ms(d)[0],
             "paired_diff_std": _ms(d)[1], "seeds_reached": int(sum(x >= 0 for x in d)),
             "met": bool(half["F1_mean"] >= rnd[-1]["F1_mean"]),
@@ -181,14 +184,16 @@ def collect(out: Path, tag: str = "") -> dict:
             "trivial": bool(rnd[-1]["F1_mean"] <= rnd[0]["F1_mean"]),
             "F1_gap_per_round": [round(a["F1_mean"] - b["F1_mean"], 4) for a, b in zip(u, rnd)],
         }
-        # the same round, paired by seed (same initial labels and round-0 members): uncertainty - random
+        # the same round, paired by seed (same initial labels and round-0 members): strategy - random
         per_round = []
         for r in range(min(len(u), len(rnd))):
             dr = [f_unc[sd]["F1"][r] - f_rand[sd]["F1"][r] for sd in paired]
             per_round.append({"round": r, "mean": _ms(dr)[0], "std": _ms(dr)[1],
-                              "unc_better": int(sum(x > 0 for x in dr)), "rand_better": int(sum(x < 0 for x in dr))})
-        res["target_f1"]["paired_per_round"] = per_round
-        rows = [row for st in STRATEGIES for row in res["strategies"][st]
+                              "better": int(sum(x > 0 for x in dr)), "rand_better": int(sum(x < 0 for x in dr))})
+        t["paired_per_round"] = per_round
+        res["target_f1"][st] = t
+    if rnd and res["target_f1"]:
+        rows = [row for st in STRATEGIES for row in res["strategies"].get(st, [])
                 if row["coverage90_unlabelled"] is not None]
         pooled = (float(sum(row["coverage90_unlabelled"] * row["n_unlabelled"] for row in rows)
                         / max(sum(row["n_unlabelled"] for row in rows), 1)) if rows else None)
@@ -201,44 +206,50 @@ def collect(out: Path, tag: str = "") -> dict:
 
 
 def table(res: dict) -> str:
-    u, r = res["strategies"]["uncertainty"], res["strategies"]["random"]
-    n_seeds = u[0]["n_seeds"]
-    lines = [(f"Mean ± sample std over {n_seeds} seeds ({', '.join(map(str, u[0]['seeds']))}); E_hull MAE over the "
-             "whole pool; coverage of the 90 % interval on the unlabelled candidates, pooled over seeds "
-             "(calibrated; in brackets before calibration)."), "",
-             ("| round | r2SCAN calcs | F1 uncertainty | F1 random | E_hull MAE unc. (meV/atom) | "
-             "E_hull MAE random (meV/atom) | energy MAE unlabelled unc. / rand. (meV/atom) | "
-             "90 % coverage unc. | 90 % coverage rand. |"), "|---|---|---|---|---|---|---|---|---|"]
+    strats = list(res["strategies"])
+    short = {"uncertainty": "unc.", "lookahead": "look.", "random": "rand."}
+    first = res["strategies"][strats[0]]
+    n_seeds = first[0]["n_seeds"]
+    head = (["round", "r2SCAN calcs"] + [f"F1 {st}" for st in strats]
+            + [f"E_hull MAE {short.get(st, st)} (meV/atom)" for st in strats]
+            + [f"energy MAE unlabelled {' / '.join(short.get(st, st) for st in strats)} (meV/atom)"]
+            + [f"90 % coverage {short.get(st, st)}" for st in strats])
+    lines = [(f"Mean ± sample std over {n_seeds} seeds ({', '.join(map(str, first[0]['seeds']))}); E_hull MAE over "
+              "the whole pool; coverage of the 90 % interval on the unlabelled candidates, pooled over seeds "
+              "(calibrated; in brackets before calibration)."), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pm(row, key, scale=1.0, fmt=".3f"):
         return f"{scale * row[f'{key}_mean']:{fmt}} ± {scale * row[f'{key}_std']:{fmt}}"
 
-    for a, b in zip(u, r):
-        cov = [f"{x['coverage90_unlabelled']:.2f} ({x['coverage90_unlabelled_raw']:.2f}, n={x['n_unlabelled']})"
-               for x in (a, b)]
-        lines.append(f"| {a['round']} | {a['n_calcs']} | {pm(a, 'F1')} | {pm(b, 'F1')} | {pm(a, 'MAE', 1e3, '.1f')} | "
-                     f"{pm(b, 'MAE', 1e3, '.1f')} | {1e3 * a['energy_MAE_unlabelled_mean']:.1f} / "
-                     f"{1e3 * b['energy_MAE_unlabelled_mean']:.1f} | {cov[0]} | {cov[1]} |")
-    t = res.get("target_f1", {})
-    c = res.get("coverage90", {})
+    for rows in zip(*(res["strategies"][st] for st in strats)):
+        cells = [str(rows[0]["round"]), str(rows[0]["n_calcs"])]
+        cells += [pm(x, "F1") for x in rows] + [pm(x, "MAE", 1e3, ".1f") for x in rows]
+        cells.append(" / ".join(f"{1e3 * x['energy_MAE_unlabelled_mean']:.1f}" for x in rows))
+        cells += [f"{x['coverage90_unlabelled']:.2f} ({x['coverage90_unlabelled_raw']:.2f}, n={x['n_unlabelled']})"
+                  for x in rows]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(
-        f"Target 1 (uncertainty reaches random's F1 with at most half the r2SCAN calculations): random after "
-        f"{t['random_acquired']} acquired ({t['random_calcs']} calcs, round {t['random_final_round']}): F1 "
-        f"{t['random_final_F1']:.3f} ± {t['random_final_F1_std']:.3f}; uncertainty after {t['uncertainty_half_acquired']}"
-        f" acquired ({t['uncertainty_half_calcs']} calcs, round {t['uncertainty_half_round']}): F1 "
-        f"{t['uncertainty_half_F1']:.3f} ± {t['uncertainty_half_F1_std']:.3f}; paired difference per seed "
-        f"{t['paired_diff_mean']:+.3f} ± {t['paired_diff_std']:.3f}, reached in {t['seeds_reached']} of "
-        f"{len(t['paired_seeds'])} seeds -> {'MET (on the mean)' if t['met'] else 'NOT MET'}"
-        + (f"; TRIVIAL: random's final F1 is not above the shared round-0 F1 (gain {t['random_gain_mean']:+.3f})"
-           if t["trivial"] else f"; random's own gain over round 0: {t['random_gain_mean']:+.3f}"))
-    lines.append("F1 uncertainty - random at the same round, paired by seed: " + "; ".join(
-        f"round {x['round']}: {x['mean']:+.3f} ± {x['std']:.3f} (uncertainty better in {x['unc_better']}, random in "
-        f"{x['rand_better']})" for x in t["paired_per_round"][1:]))
-    lines.append(f"Target 2 (90 % interval coverage on held-out candidates in 80-95 %): pooled over all rounds, "
-                 f"both strategies and all seeds {c['pooled']:.3f} (before calibration {c['pooled_raw']:.3f}) -> "
-                 f"{'MET' if c['met'] else 'NOT MET'}; per (strategy, round) in the band: {c['rounds_in_band']} of "
-                 f"{c['rounds']}")
+    for st, t in res.get("target_f1", {}).items():
+        lines.append(
+            f"Target 1, {st} (reaches random's F1 with at most half the r2SCAN calculations): random after "
+            f"{t['random_acquired']} acquired ({t['random_calcs']} calcs, round {t['random_final_round']}): F1 "
+            f"{t['random_final_F1']:.3f} ± {t['random_final_F1_std']:.3f}; {st} after {t['half_acquired']}"
+            f" acquired ({t['half_calcs']} calcs, round {t['half_round']}): F1 "
+            f"{t['half_F1']:.3f} ± {t['half_F1_std']:.3f}; paired difference per seed "
+            f"{t['paired_diff_mean']:+.3f} ± {t['paired_diff_std']:.3f}, reached in {t['seeds_reached']} of "
+            f"{len(t['paired_seeds'])} seeds -> {'MET (on the mean)' if t['met'] else 'NOT MET'}"
+            + (f"; TRIVIAL: random's final F1 is not above the shared round-0 F1 (gain {t['random_gain_mean']:+.3f})"
+               if t["trivial"] else f"; random's own gain over round 0: {t['random_gain_mean']:+.3f}"))
+        lines.append(f"F1 {st} - random at the same round, paired by seed: " + "; ".join(
+            f"round {x['round']}: {x['mean']:+.3f} ± {x['std']:.3f} ({st} better in {x['better']}, random in "
+            f"{x['rand_better']})" for x in t["paired_per_round"][1:]))
+    c = res.get("coverage90", {})
+    if c:
+        lines.append(f"Target 2 (90 % interval coverage on held-out candidates in 80-95 %): pooled over all rounds, "
+                     f"all strategies and all seeds {c['pooled']:.3f} (before calibration {c['pooled_raw']:.3f}) -> "
+                     f"{'MET' if c['met'] else 'NOT MET'}; per (strategy, round) in the band: {c['rounds_in_band']} "
+                     f"of {c['rounds']}")
     return "\n".join(lines)
 
 
@@ -252,7 +263,7 @@ def plot(res: dict, out: Path, tag: str = "") -> None:
     from pipeline.io.atomic import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.9), dpi=120)
-    colors = {"uncertainty": "tab:blue", "random": "tab:orange"}
+    colors = {"uncertainty": "tab:blue", "lookahead": "tab:green", "random": "tab:orange"}
     for st, rows in res["strategies"].items():
         n = [r["n_calcs"] for r in rows]
         for ax, key, scale in ((axes[0], "F1", 1.0), (axes[1], "MAE", 1e3)):
@@ -264,12 +275,11 @@ def plot(res: dict, out: Path, tag: str = "") -> None:
                      label=f"{st}, calibrated")
         axes[2].plot(n, [r["coverage90_unlabelled_raw"] for r in rows], marker="x", ls="--", color=colors[st],
                      alpha=0.6, label=f"{st}, before calibration")
-    t = res.get("target_f1")
+    t = next(iter(res.get("target_f1", {}).values()), None)
     if t:
         axes[0].axhline(t["random_final_F1"], color="0.5", ls=":", lw=1, label="random, final F1")
-        axes[0].axvline(t["uncertainty_half_calcs"], color="0.5", ls="--", lw=0.8,
-                        label="half of random's acquisitions")
-    axes[2].axhspan(0.8, 0.95, color="tab:green", alpha=0.15, label="target 80-95 %")
+        axes[0].axvline(t["half_calcs"], color="0.5", ls="--", lw=0.8, label="half of random's acquisitions")
+    axes[2].axhspan(0.8, 0.95, color="0.6", alpha=0.2, label="target 80-95 %")
     axes[0].set_ylabel("stability F1 (whole pool)")
     axes[1].set_ylabel("E_hull MAE (meV/atom, whole pool)")
     axes[2].set_ylabel("90 % interval coverage (unlabelled, pooled)")
@@ -286,8 +296,8 @@ def plot(res: dict, out: Path, tag: str = "") -> None:
     plt.close(fig)
     curves, cmap = {}, {}
     for st, rows in res["strategies"].items():
-        if not curves:  # round 0 is the same for both strategies (same seeds, members and initial labels)
-            label = "round 0, both (GP fitted on the initial labels)"
+        if not curves:  # round 0 is the same for every strategy (same seeds, members and initial labels)
+            label = "round 0, all (GP fitted on the initial labels)"
             curves[label], cmap[label] = rows[0]["coverage_curve"], "0.3"
         label = f"{st}, round {rows[-1]['round']}"
         curves[label], cmap[label] = rows[-1]["coverage_curve"], colors[st]
@@ -365,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
     res = collect(out, args.tag)
     write_json_atomic(out / f"{args.tag}results.json", res, indent=1)
-    if set(res["strategies"]) != set(STRATEGIES):
+    if "random" not in res["strategies"] or len(res["strategies"]) < 2:
         print(json.dumps({st: [{k: v for k, v in row.items() if k != "coverage_curve"} for row in rows]
                           for st, rows in res["strategies"].items()}, indent=1))
         return

@@ -142,6 +142,8 @@ def train_config_from_args(args: argparse.Namespace):
         checkpoint_every=args.checkpoint_every,
         gap_pairs=_parse_pairs(getattr(args, "gap_pair", None), "--gap-pair", expected="HIGH=LOW") or None,
         gap_weight=getattr(args, "gap_weight", 0.0),
+        borrow_forces=_parse_pairs(getattr(args, "borrow_forces", None), "--borrow-forces",
+                                   expected="HIGH=LOW") or None,
     )
 
 
@@ -474,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "both (with --gap-weight; strategy mf-gap sets r2scan=pbe itself)")
     p.add_argument("--gap-weight", type=float_range(0), default=0.0,
                    help="weight of the --gap-pair loss term (0: off; strategy mf-gap: 1 when unset)")
+    p.add_argument("--borrow-forces", action="append",
+                   help="HIGH=LOW: HIGH also trains on the LOW forces of every structure it has no label for "
+                        "(high-level energies + low-level forces; strategy mf-gap-lf sets it itself)")
     p.add_argument("--ema-decay", type=float_range(0, 1, high_open=True), default=0.0,
                    help="EMA decay of the weights, in [0, 1) (0: off; e.g. 0.99)")
     p.add_argument("--warmup-steps", type=int_range(0), default=0,
@@ -486,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-fidelity", action="append", help="NEW=SOURCE: add fidelity NEW, started from SOURCE")
     p.add_argument("--freeze", default="none", choices=["none", "fidelity"],
                    help="fidelity: train only the fidelity-conditioned linears and the readout")
-    p.add_argument("--strategy", default=None, choices=["mf", "mf-prior", "mf-gap", "single", "transfer", "delta",
-                                                        "multihead", "meta", "finetune-mf0"],
+    p.add_argument("--strategy", default=None, choices=["mf", "mf-prior", "mf-gap", "mf-gap-lf", "single", "transfer",
+                                                        "delta", "multihead", "meta", "finetune-mf0"],
                    help="multi-fidelity strategy (matched steps over all stages; see pipeline.train.strategies)")
     p.add_argument("--high", default=None, help="--strategy: the high (target) fidelity, e.g. gpaw-r2scan")
     p.add_argument("--low", default=None, help="--strategy: the low fidelity, e.g. gpaw-pbe")

@@ -62,6 +62,44 @@ def test_select_budget_and_random_baseline():
         acquisition.select("greedy", ids, mu, sigma, 3)
 
 
+def test_lookahead_resolves_each_question_once_and_values_hull_vertices():
+    """Two perfectly correlated candidates (a polymorph pair: one label answers both) get one pick, not two; a
+    confident candidate whose E_hull hangs on an uncertain hull vertex makes that vertex worth more than its own
+    P(other side) says; the expected misclassification count falls with every pick."""
+    rng = np.random.default_rng(0)
+    n_s = 200
+    e = rng.normal(size=(n_s, 6)) * 0.05
+    e[:, 3] = e[:, 0]  # c3 moves with c0
+    h = e.copy()
+    h[:, 4] += 1.0  # far from the threshold, zero spread in effect
+    h[:, 5] -= 1.0
+    ids = [f"c{k}" for k in range(6)]
+    picks = acquisition.lookahead_select(ids, h, e, 3)
+    chosen = [i for i, _ in picks]
+    assert len(chosen) == 3 and not {"c0", "c3"} <= set(chosen) and {"c1", "c2"} <= set(chosen)
+    after = [v for _, v in picks]
+    before = float(acquisition.expected_misclassified(h))
+    assert before > after[0] > after[1] > after[2] and after[2] < 0.25 * before
+    assert acquisition.lookahead_select(ids, h, e, 3, exclude={"c0", "c3"})[0][0] in {"c1", "c2"}
+
+    # hull vertex: 'v' is a little uncertain and far below the threshold's reach of its own class, but the E_hull
+    # of five candidates 'd*' near the threshold is measured against it (h_d = their own small offset - e_v)
+    e2 = np.zeros((n_s, 7))
+    e2[:, 0] = rng.normal(size=n_s) * 0.03  # the vertex's energy
+    e2[:, 6] = rng.normal(size=n_s) * 0.03  # an isolated candidate as uncertain as the vertex
+    h2 = np.zeros((n_s, 7))
+    h2[:, 0] = -0.2 + e2[:, 0]
+    h2[:, 1:6] = 0.01 - e2[:, [0]] + rng.normal(size=(n_s, 5)) * 0.002
+    h2[:, 6] = e2[:, 6]
+    ids2 = ["v", "d1", "d2", "d3", "d4", "d5", "iso"]
+    assert acquisition.rank(ids2, h2.mean(0), h2.std(0))[0][0] != "v"  # P(other side) ranks the vertex last
+    assert acquisition.lookahead_select(ids2, h2, e2, 1)[0][0] == "v"
+    with pytest.raises(ValueError, match=r"samples must be \(S, 7\)"):
+        acquisition.lookahead_select(ids2, h2[:, :3], e2, 1)
+    with pytest.raises(ValueError, match="lookahead needs the screen's joint samples"):
+        acquisition.select("lookahead", ids2, h2.mean(0), h2.std(0), 1)
+
+
 def test_hull_distances_stable_entries_are_negative():
     comps = [Composition(c) for c in ("Li", "O", "Li2O", "LiO", "Li2O", "Li")]
     e = [0.0, 0.0, -2.0, -1.0, -1.9, 0.05]

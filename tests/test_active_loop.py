@@ -137,6 +137,25 @@ def test_loop_random_strategy_and_failed_labels(tmp_path):
     assert 0 <= res.rounds[0]["coverage_e_hull_unlabelled"] <= 1 and res.rounds[0]["n_unlabelled"] == 11 - 3
 
 
+def test_loop_lookahead_strategy_picks_from_the_screens_samples(tmp_path):
+    pool = _pool()
+    from pipeline.active.pool import Label
+
+    labels = {i: Label(i, pool.by_id()[i].structure, e) for i, e in _truth(pool).items()}
+    cfg = LoopConfig(**{**CFG, "strategy": "lookahead", "budget": 3, "samples": 8}, initial=("Al", "Cu", "AlCu-0"))
+    res = Loop(pool, LookupOracle(labels, "hi"), cfg, tmp_path / "l", truth=labels).run()
+    assert res.rounds[1]["n_labelled"] == 6
+    d = tmp_path / "l" / "round-00"
+    with np.load(d / "samples.npz") as z:
+        assert z["e_hull"].shape == z["energy"].shape == (2 * 8, 12)
+        assert z["ids"].tolist() == [c.candidate_id for c in pool.candidates]
+    picks = json.loads((d / "picks.json").read_text())
+    assert picks["strategy"] == "lookahead" and len(picks["picks"]) == 3
+    assert set(picks["picks"]).isdisjoint(cfg.initial)
+    after = [picks["expected_misclassified"]["after"][i] for i in picks["picks"]]
+    assert after == sorted(after, reverse=True) and after[0] <= picks["expected_misclassified"]["before"]
+
+
 def test_cli_loop_on_the_real_pool(mp_file, tmp_path, capsys):
     from pipeline.cli import main
 

@@ -25,8 +25,9 @@ def add_loop_parser(sub: Any) -> None:
     p.add_argument("--budget", type=int_range(0, 100_000), default=5,
                    help="r2SCAN calculations per round N (default 5)")
     p.add_argument("--ensemble", type=int_range(1, 32), default=3, help="ensemble members (default 3)")
-    p.add_argument("--strategy", choices=("uncertainty", "random"), default="uncertainty",
-                   help="uncertainty: P(E_hull on the other side of --threshold); random: the baseline")
+    p.add_argument("--strategy", choices=("uncertainty", "lookahead", "random"), default="uncertainty",
+                   help="uncertainty: P(E_hull on the other side of --threshold); lookahead: the batch that most "
+                        "lowers the expected misclassified candidates of the pool; random: the baseline")
     p.add_argument("--threshold", type=float_range(-1.0, 1.0), default=0.0,
                    help="stability threshold on E_hull (eV/atom, default 0)")
     p.add_argument("--initial-random", type=int_range(0, 100_000), default=2,

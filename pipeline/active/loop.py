@@ -22,6 +22,7 @@ redoes at most the interrupted one (training itself resumes from its ``last.pt``
                 included); one scale factor fitted on the held-out errors of earlier picks, with the GP's fit to
                 the labels as its prior (:func:`pipeline.active.uncertainty.fit_scale`), calibrates it ->
                 ``report.parquet``, ``summary.json``, ``coverage.png``;
+                ``samples.npz`` keeps the joint draws (E_hull and energies per atom) for the lookahead pick;
 4. ``pick``   : ``budget`` candidates by acquisition strategy (``picks.json``); the last round has no pick.
 
 The screen step predicts at the pool's structures (single points, no relaxation). Predicted energy of a
@@ -68,6 +69,7 @@ from pipeline.active.uncertainty import (
 )
 from pipeline.frames import frames_table
 from pipeline.io import read_table, write_json_atomic
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import write_table_atomic
 from pipeline.report.metrics import stable_metrics
 
@@ -376,21 +378,23 @@ class Loop:
         return {"errors": np.array(errs), "sigma": np.array(sig)}
 
     def _sampled_sigma(self, r: int, comps: Sequence[Any], member_e: np.ndarray, cov: np.ndarray,
-                       labelled: np.ndarray, mu: np.ndarray) -> np.ndarray:
+                       labelled: np.ndarray, mu: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """E_hull sigma from sampled energies: per member ``samples`` draws of the unlabelled candidates'
         residuals from the GP posterior (jointly, so polymorphs and neighbours move together), each placed on
         its own hull; sigma = RMS deviation of the sampled E_hull from the point estimate ``mu`` (the mean of
-        the members' hulls), so it holds the hull's own uncertainty and the bias a noisy hull adds."""
+        the members' hulls), so it holds the hull's own uncertainty and the bias a noisy hull adds.
+        Returns (sigma, sampled E_hull (S, n), sampled energies per atom (S, n)), S = members x samples."""
         free = np.where(~labelled)[0]
         n = len(comps)
         if not len(free) or self.cfg.samples < 1:
-            return np.zeros(n)
+            return np.zeros(n), np.zeros((0, n)), np.zeros((0, n))
         sub = cov[np.ix_(free, free)]
         w, v = np.linalg.eigh(0.5 * (sub + sub.T))
         root = v * np.sqrt(np.clip(w, 0.0, None))[None, :]
         rng = np.random.default_rng([self.cfg.seed, r, 23])
         dev = np.zeros(n)
         count = np.zeros(n)
+        hs, es = [], []
         for m in range(member_e.shape[0]):
             for _ in range(self.cfg.samples):
                 e = member_e[m].copy()
@@ -399,8 +403,11 @@ class Loop:
                 ok = np.isfinite(h) & np.isfinite(mu)
                 dev[ok] += (h[ok] - mu[ok]) ** 2
                 count[ok] += 1
+                hs.append(h)
+                es.append(e)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, np.sqrt(dev / np.maximum(count, 1)), np.nan)
+            sigma = np.where(count > 0, np.sqrt(dev / np.maximum(count, 1)), np.nan)
+        return sigma, np.array(hs), np.array(es)
 
     def truth_e_hull(self) -> dict[str, float]:
         """E_hull of every candidate from the full answer (benchmarks only)."""
@@ -451,7 +458,13 @@ class Loop:
         member_e = np.where(labelled[None, :], e_lab[None, :], est_m)
         eh_m = np.stack([hull_distances(comps, member_e[m]) for m in range(cfg.ensemble)])
         mu, sig_ens = ensemble_stats(eh_m)
-        sig_raw = self._sampled_sigma(r, comps, member_e, cov, labelled, mu) if gp is not None else sig_ens
+        if gp is not None:
+            sig_raw, h_samples, e_samples = self._sampled_sigma(r, comps, member_e, cov, labelled, mu)
+        else:  # no residual model: the members themselves are the samples
+            sig_raw, h_samples, e_samples = sig_ens, eh_m, member_e
+        # the joint samples, for the lookahead acquisition
+        with atomic_path(d / "samples.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, ids=np.array(ids, dtype=str), e_hull=h_samples, energy=e_samples)
         gap_pred, _ = ensemble_stats(gap_m)
         # fidelity-gap novelty (a report column): the predicted gap against the DFT gaps of the nearest labelled
         # composition
@@ -562,10 +575,27 @@ class Loop:
         mu = np.array([x["e_hull_mean"] for x in rep], dtype=float)
         sig = np.array([x["e_hull_sigma"] for x in rep], dtype=float)
         rng = np.random.default_rng([cfg.seed, r, 11])
-        picks = acquisition.select(cfg.strategy, ids, mu, sig, cfg.budget, cfg.threshold, exclude, rng)
+        extra: dict[str, Any] = {}
+        if cfg.strategy == "lookahead":
+            with np.load(d / "samples.npz") as z:
+                if z["ids"].tolist() != ids:
+                    raise ValueError(f"{d / 'samples.npz'}: candidates differ from report.parquet's")
+                h, e = z["e_hull"], z["energy"]
+            # the samples' spread put on the calibrated scale of the report's sigma
+            raw = np.array([x["e_hull_sigma_raw"] for x in rep], dtype=float)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                scale = np.where(raw > 0, sig / raw, 1.0)
+            h = mu[None, :] + np.nan_to_num(scale, nan=1.0)[None, :] * (h - mu[None, :])
+            chosen = acquisition.lookahead_select(ids, h, e, cfg.budget, cfg.threshold, exclude)
+            picks = [i for i, _ in chosen]
+            extra = {"expected_misclassified": {"before": float(acquisition.expected_misclassified(h, None,
+                                                                                                   cfg.threshold)),
+                                                "after": {i: v for i, v in chosen}}}
+        else:
+            picks = acquisition.select(cfg.strategy, ids, mu, sig, cfg.budget, cfg.threshold, exclude, rng)
         p = {x["candidate_id"]: x["p_other_side"] for x in rep}
         write_json_atomic(d / "picks.json", {"picks": picks, "strategy": cfg.strategy,
-                                             "p_other_side": {i: p[i] for i in picks}}, indent=1)
+                                             "p_other_side": {i: p[i] for i in picks}, **extra}, indent=1)
         return {"picks": len(picks)}
 
     # ---- driver -------------------------------------------------------------------------------------------

@@ -157,6 +157,37 @@ def apply_label_policy(frames: pa.Table, policy: Mapping[str, Sequence[str]] | N
     return frames
 
 
+def borrow_forces(frames: pa.Table, pairs: Mapping[str, str] | None) -> pa.Table:
+    """``frames`` plus, for every ``{high: low}`` pair, a force-only ``high`` copy of each ``low`` frame with
+    forces whose structure (:func:`structure_hash`) has no ``high`` frame: the high fidelity is trained on the low
+    fidelity's forces wherever it has no forces of its own (energy and stress stay unlabelled).
+
+    Why: Messerly et al. (arXiv 2505.01590) find low-level forces + high-level energies enough for a high-level
+    potential; with a few high-fidelity structures the high fidelity's conditioned weights otherwise see forces of
+    those few only, and its forces on new structures fall behind a low-fidelity model's. No library offers it
+    (MACE / SevenNet-MF take each frame's labels as they are). The copies share their structure's hash, so a
+    split keeps them on their structure's side; their ``frame_id`` is ``<low frame_id>-forces-as-<high>``."""
+    if not pairs:
+        return frames
+    rows = frames.to_pylist()
+    keys = [structure_hash(r["numbers"], r["positions"], r["cell"], r["pbc"]) for r in rows]
+    have_fids = {r["fidelity"] for r in rows}
+    out = []
+    for high, low in pairs.items():
+        if high not in have_fids or low not in have_fids:
+            raise ValueError(f"borrow forces {high}={low}: no frames of {high if high not in have_fids else low!r} "
+                             f"(have {sorted(have_fids)})")
+        covered = {k for k, r in zip(keys, rows) if r["fidelity"] == high}
+        for key, r in zip(keys, rows):
+            if r["fidelity"] == low and r["has_forces"] and key not in covered:
+                covered.add(key)
+                out.append(dict(r, fidelity=high, frame_id=f"{r['frame_id']}-forces-as-{high}", has_energy=False,
+                                energy=None, has_stress=False, stress=None))
+    if not out:
+        return frames
+    return pa.concat_tables([frames, pa.Table.from_pylist(out, schema=frames.schema)])
+
+
 def structure_groups(structure_keys: Sequence[str], material_ids: Sequence[str | None]) -> list[str]:
     """Group label per frame: frames sharing a structure (any fidelity) or a material id are one group
     (union-find over both), so a split never puts the PBE and r2SCAN copies of one structure, or two

@@ -9,6 +9,9 @@ stages of the two-stage strategies) on the same frames and split.
 ``mf-gap``     ``mf`` plus a loss on the predicted high - low energy of every training structure labelled at both
                (``TrainConfig.gap_weight``, default :data:`GAP_WEIGHT`; :func:`pipeline.train.losses.gap_loss`):
                the joint model is given the target a ``delta`` model learns from, inside one model
+``mf-gap-lf``  ``mf-gap`` where every training structure without a high label lends its low-fidelity forces
+               to the high fidelity (``TrainConfig.borrow_forces``; :func:`pipeline.train.data.borrow_forces`):
+               high-level energies + low-level forces, Messerly et al. arXiv 2505.01590
 ``single``     high fidelity only
 ``transfer``   pre-train on the low fidelity (half the steps), fine-tune on the high fidelity (the rest; the high
                fidelity is added as a new fidelity started from the low one)
@@ -57,7 +60,7 @@ from pipeline.train.trainer import TrainConfig, build_model, train
 
 __all__ = ["STRATEGIES", "StrategyResult", "delta_frames", "paired_rows", "predict", "run_strategy"]
 
-STRATEGIES = ("mf", "mf-prior", "mf-gap", "single", "transfer", "delta", "multihead", "meta", "finetune-mf0")
+STRATEGIES = ("mf", "mf-prior", "mf-gap", "mf-gap-lf", "single", "transfer", "delta", "multihead", "meta", "finetune-mf0")
 
 #: ``fidelity_prior`` of the ``mf-prior`` strategy when the config has none (on data/sisn at 10 % r2SCAN, 300
 #: steps, 3 seeds: 0.01, 0.1 and 1 gave 115, 113 and 112 meV/atom against plain mf's 135; trained to convergence,
@@ -216,6 +219,10 @@ def run_strategy(
     elif strategy == "mf-gap":
         res = run("mf-gap", frames, dataclasses.replace(base, gap_pairs={high: low},
                                                         gap_weight=cfg.gap_weight or GAP_WEIGHT))
+        terms, n = [(res.model, high)], res.steps
+    elif strategy == "mf-gap-lf":
+        res = run("mf-gap-lf", frames, dataclasses.replace(base, gap_pairs={high: low}, borrow_forces={high: low},
+                                                           gap_weight=cfg.gap_weight or GAP_WEIGHT))
         terms, n = [(res.model, high)], res.steps
     elif strategy == "single":
         res = run("single", _only(frames, high), base)

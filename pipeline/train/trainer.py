@@ -53,7 +53,7 @@ from pipeline.model.references import ElementReferences, references_from_frames
 from pipeline.progress import progress as progress_bar
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import distributed as dist_util
-from pipeline.train.data import FrameData, apply_label_policy, split_by_group
+from pipeline.train.data import FrameData, apply_label_policy, borrow_forces, split_by_group
 from pipeline.train.evaluation import evaluate
 from pipeline.train.finetune import (
     FREEZE_MODES,
@@ -89,7 +89,8 @@ _NOT_IN_RUN_KEY = ("num_workers", "checkpoint_every")
 #: written before they existed still resumes)
 _NEW_DEFAULTS = {"fidelity_prior": 0.0, "stream": None, "max_atoms": None, "max_edges": None,
                  "sampling_weights": None, "accumulate": 1, "precision": "float32", "buffer_rows": 10_000,
-                 "reference_frames": 20_000, "gap_pairs": None, "gap_weight": 0.0}
+                 "reference_frames": 20_000, "gap_pairs": None, "gap_weight": 0.0,
+                 "borrow_forces": None}
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class TrainConfig:
     only as far as its labels support.
     ``gap_pairs`` ({high: low}) and ``gap_weight``: a loss term (:func:`pipeline.train.losses.gap_loss`, weight
     ``gap_weight`` like ``weights.energy``) on the predicted ``high - low`` energy of every training structure
-    labelled at both, so the joint model learns the difference of the fidelities directly (in-memory path only)."""
+    labelled at both, so the joint model learns the difference of the fidelities directly (in-memory path only).
+    ``borrow_forces`` ({high: low}): the high fidelity also trains on the low fidelity's forces of every structure
+    it has no label for (:func:`pipeline.train.data.borrow_forces`; in-memory path only)."""
 
     epochs: int = 100
     max_steps: int | None = None
@@ -152,6 +155,7 @@ class TrainConfig:
     reference_frames: int = 20_000
     gap_pairs: dict[str, str] | None = None
     gap_weight: float = 0.0
+    borrow_forces: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in LOSS_KINDS:
@@ -169,6 +173,11 @@ class TrainConfig:
             if any(k == v for k, v in pairs.items()):
                 raise ValueError(f"a gap pair needs two different fidelities, got {pairs}")
             object.__setattr__(self, "gap_pairs", pairs)
+        if self.borrow_forces:
+            pairs = {str(k).strip().lower(): str(v).strip().lower() for k, v in self.borrow_forces.items()}
+            if any(k == v for k, v in pairs.items()):
+                raise ValueError(f"borrow_forces needs two different fidelities per pair, got {pairs}")
+            object.__setattr__(self, "borrow_forces", pairs)
         if self.gap_weight and not self.gap_pairs:
             raise ValueError("gap_weight needs gap_pairs (e.g. {'r2scan': 'pbe'}): which fidelities to pair")
         if not 0 <= self.ema_decay < 1:
@@ -260,6 +269,8 @@ def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
     train_idx, val_idx = split_by_group(data.groups, cfg.val_fraction, cfg.seed)
     if not train_idx:
         raise ValueError("training split is empty: lower val_fraction or add frames")
+    # borrowed forces (cfg.borrow_forces) train, but are not labels of their fidelity to select best.pt on
+    val_idx = [i for i in val_idx if not data.frame_ids[i].endswith(f"-forces-as-{data.fidelity_names[i]}")]
     if references is None:
         references = references_from_frames(frames.take(pa.array(train_idx)))
     for fid, energies in (reference_overrides or {}).items():
@@ -350,8 +361,10 @@ def build_streamed(path: Path, model_config: ModelConfig, cfg: TrainConfig,
 
 def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, world_size: int = 1) -> bool:
     """Whether :func:`train` streams ``frames`` (see :data:`STREAM_ABOVE_FRAMES`)."""
-    if cfg.gap_weight and (cfg.stream or world_size > 1):
-        raise ValueError("gap_weight (paired-gap loss) is supported on the in-memory path only, not streamed or "
+    memory_only = [name for name, on in (("gap_weight (paired-gap loss)", cfg.gap_weight),
+                                         ("borrow_forces", cfg.borrow_forces)) if on]
+    if memory_only and (cfg.stream or world_size > 1):
+        raise ValueError(f"{memory_only[0]} is supported on the in-memory path only, not streamed or "
                          "distributed training")
     if isinstance(frames, pa.Table):
         if cfg.stream or world_size > 1:
@@ -365,8 +378,8 @@ def use_stream(frames: pa.Table | str | os.PathLike[str], cfg: TrainConfig, worl
             raise ValueError("distributed training streams its data: do not set stream=False under torchrun")
         return cfg.stream
     if world_size > 1 or cfg.max_atoms is not None or cfg.max_edges is not None or cfg.sampling_weights:
-        if cfg.gap_weight:
-            raise ValueError("gap_weight (paired-gap loss) is supported on the in-memory path only: drop "
+        if memory_only:
+            raise ValueError(f"{memory_only[0]} is supported on the in-memory path only: drop "
                              "max_atoms / max_edges / sampling_weights or pass a frames table")
         return True
     try:
@@ -490,7 +503,7 @@ def _train(frames, model_config, cfg, out_dir, ctx, *, references, reference_ove
     else:
         if not isinstance(frames, pa.Table):
             frames = read_table(frames, FRAMES_SCHEMA)
-        frames = apply_label_policy(frames, cfg.label_policy)
+        frames = borrow_forces(apply_label_policy(frames, cfg.label_policy), cfg.borrow_forces)
         data_hash = frames_hash(frames)
         model, data, train_idx, val_idx = build_model(frames, model_config, cfg, references, reference_overrides)
         source = _MemoryBatches(data, train_idx, cfg)
