@@ -88,8 +88,10 @@ def lookahead_select(ids: Sequence[str], h_samples: np.ndarray, e_samples: np.nd
     ``h_samples`` / ``e_samples``: (S, n) joint samples of every candidate's E_hull and of the energies per atom
     they come from (the screen's draws: GP residual posterior per ensemble member, each through its own hull).
     Labelling candidate c is simulated by taking each sample's energy of c in turn as the label (hypothesis t)
-    and re-weighting all samples by how close their energy of c lies to it (a Gaussian kernel, Silverman's
-    bandwidth); the pick lowers the mean over hypotheses of :func:`expected_misclassified` the most. Labels
+    and re-weighting the other samples by how close their energy of c lies to it (a Gaussian product kernel over
+    the batch's candidates, Scott's bandwidth for that many dimensions; leave-one-out: sample t itself is left
+    out, else it agrees with its own hypothesis and the expected error falls towards 0 with every pick, whatever
+    is picked); the pick lowers the mean over hypotheses of :func:`expected_misclassified` the most. Labels
     already in the batch stay in the weights, so a candidate whose uncertainty the batch has already resolved
     (a polymorph of a picked composition, a phase whose E_hull hangs on a picked hull vertex) loses its value.
 
@@ -107,16 +109,23 @@ def lookahead_select(ids: Sequence[str], h_samples: np.ndarray, e_samples: np.nd
     h = np.where(np.isfinite(h), h, np.inf)  # a sample without a hull distance counts as unstable
     skip = set(exclude)
     spread = e.std(axis=0)
-    bw = 1.06 * spread * n_s ** (-0.2)
     cand = [k for k, i in enumerate(ids) if str(i) not in skip and np.isfinite(spread[k]) and spread[k] > 0]
-    log_w = np.zeros((n_s, n_s))  # hypotheses x samples
+    if n_s < 2:
+        raise ValueError(f"lookahead needs at least 2 joint samples, got {n_s}")
+    loo = np.where(np.eye(n_s, dtype=bool), -np.inf, 0.0)  # hypotheses x samples; a sample never weighs itself
+    chosen: list[int] = []
     picks: list[tuple[str, float]] = []
     for _ in range(min(budget, len(cand))):
+        dims = len(chosen) + 1
+        bw = 1.06 * spread * n_s ** (-1.0 / (dims + 4))  # Scott's rule in `dims` dimensions (Silverman's at 1)
+        log_w = loo.copy()
+        for k in chosen:
+            log_w -= 0.5 * ((e[None, :, k] - e[:, None, k]) / bw[k]) ** 2
         d = e[None, :, cand].transpose(2, 0, 1) - e[:, None, cand].transpose(2, 0, 1)  # (C, T, S): e_s - e_t
         trial = log_w[None] - 0.5 * (d / bw[cand][:, None, None]) ** 2
         scores = expected_misclassified(h, trial, threshold).mean(axis=-1)  # (C,)
         best = int(np.argmin(scores))
         k = cand.pop(best)
-        log_w = trial[best]
+        chosen.append(k)
         picks.append((str(ids[k]), float(scores[best])))
     return picks
