@@ -191,7 +191,7 @@ def plot_coverage(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str
 
     fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
     ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="ideal")
-    ax.axhspan(0.8, 0.95, xmin=0.85, xmax=0.95, color="tab:green", alpha=0.15, label="target at 90 %: 80-95 %")
+    ax.axhspan(0.8, 0.95, xmin=0.85, xmax=0.95, color="0.6", alpha=0.25, label="target at 90 %: 80-95 %")
     for label, rows in curves.items():
         pts = [(r["level"], r["observed"]) for r in rows if r.get("observed") is not None]
         if pts:
