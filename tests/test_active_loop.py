@@ -154,6 +154,11 @@ def test_loop_lookahead_strategy_picks_from_the_screens_samples(tmp_path):
     assert set(picks["picks"]).isdisjoint(cfg.initial)
     after = [picks["expected_misclassified"]["after"][i] for i in picks["picks"]]
     assert after == sorted(after, reverse=True) and after[0] <= picks["expected_misclassified"]["before"]
+    # killed between the screen (which wrote the samples) and the pick: the resumed run picks the same
+    with pytest.raises(LoopInterrupted):
+        Loop(pool, LookupOracle(labels, "hi"), cfg, tmp_path / "k", truth=labels).run(stop_after=(0, "screen"))
+    Loop(pool, LookupOracle(labels, "hi"), cfg, tmp_path / "k", truth=labels).run()
+    assert json.loads((tmp_path / "k" / "round-00" / "picks.json").read_text()) == picks
 
 
 def test_cli_loop_on_the_real_pool(mp_file, tmp_path, capsys):
