@@ -96,6 +96,9 @@ def test_lookahead_resolves_each_question_once_and_values_hull_vertices():
     assert acquisition.lookahead_select(ids2, h2, e2, 1)[0][0] == "v"
     with pytest.raises(ValueError, match=r"samples must be \(S, 7\)"):
         acquisition.lookahead_select(ids2, h2[:, :3], e2, 1)
+    assert acquisition.lookahead_select(ids2, h2, e2, 2, exclude=set(ids2)) == []  # nothing eligible
+    with pytest.raises(ValueError, match="at least 2 joint samples"):
+        acquisition.lookahead_select(ids2, h2[:1], e2[:1], 1)
     with pytest.raises(ValueError, match="lookahead needs the screen's joint samples"):
         acquisition.select("lookahead", ids2, h2.mean(0), h2.std(0), 1)
 

@@ -159,6 +159,8 @@ def test_loop_lookahead_strategy_picks_from_the_screens_samples(tmp_path):
         Loop(pool, LookupOracle(labels, "hi"), cfg, tmp_path / "k", truth=labels).run(stop_after=(0, "screen"))
     Loop(pool, LookupOracle(labels, "hi"), cfg, tmp_path / "k", truth=labels).run()
     assert json.loads((tmp_path / "k" / "round-00" / "picks.json").read_text()) == picks
+    with pytest.raises(ValueError, match="lookahead needs >= 2 joint samples"):
+        LoopConfig(**{**CFG, "strategy": "lookahead", "ensemble": 1, "residual": "shift"})
 
 
 def test_cli_loop_on_the_real_pool(mp_file, tmp_path, capsys):

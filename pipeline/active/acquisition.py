@@ -110,6 +110,8 @@ def lookahead_select(ids: Sequence[str], h_samples: np.ndarray, e_samples: np.nd
     skip = set(exclude)
     spread = e.std(axis=0)
     cand = [k for k, i in enumerate(ids) if str(i) not in skip and np.isfinite(spread[k]) and spread[k] > 0]
+    if budget == 0 or not any(str(i) not in skip for i in ids):
+        return []
     if n_s < 2:
         raise ValueError(f"lookahead needs at least 2 joint samples, got {n_s}")
     loo = np.where(np.eye(n_s, dtype=bool), -np.inf, 0.0)  # hypotheses x samples; a sample never weighs itself

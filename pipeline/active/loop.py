@@ -124,6 +124,10 @@ class LoopConfig:
             raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
         if self.strategy not in acquisition.STRATEGIES:
             raise ValueError(f"strategy must be one of {acquisition.STRATEGIES}, got {self.strategy!r}")
+        joint = self.ensemble * self.samples if self.residual == "gp" else self.ensemble
+        if self.strategy == "lookahead" and joint < 2:
+            raise ValueError(f"strategy lookahead needs >= 2 joint samples (ensemble x samples with the gp residual, "
+                             f"else ensemble members), got {joint}")
         if self.predictor not in PREDICTORS:
             raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
         if self.steps < 1 or self.base_steps < 1:
