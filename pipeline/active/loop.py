@@ -22,7 +22,8 @@ redoes at most the interrupted one (training itself resumes from its ``last.pt``
                 included); one scale factor fitted on the held-out errors of earlier picks, with the GP's fit to
                 the labels as its prior (:func:`pipeline.active.uncertainty.fit_scale`), calibrates it ->
                 ``report.parquet``, ``summary.json``, ``coverage.png``;
-                ``samples.npz`` keeps the joint draws (E_hull and energies per atom) for the lookahead pick;
+                with ``strategy='lookahead'``, ``samples.npz`` keeps the joint draws (E_hull and energies per
+                atom) for its pick;
 4. ``pick``   : ``budget`` candidates by acquisition strategy (``picks.json``); the last round has no pick.
 
 The screen step predicts at the pool's structures (single points, no relaxation). Predicted energy of a
@@ -466,9 +467,9 @@ class Loop:
             sig_raw, h_samples, e_samples = self._sampled_sigma(r, comps, member_e, cov, labelled, mu)
         else:  # no residual model: the members themselves are the samples
             sig_raw, h_samples, e_samples = sig_ens, eh_m, member_e
-        # the joint samples, for the lookahead acquisition
-        with atomic_path(d / "samples.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, ids=np.array(ids, dtype=str), e_hull=h_samples, energy=e_samples)
+        if cfg.strategy == "lookahead":  # its pick reads the joint samples
+            with atomic_path(d / "samples.npz") as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(fh, ids=np.array(ids, dtype=str), e_hull=h_samples, energy=e_samples)
         gap_pred, _ = ensemble_stats(gap_m)
         # fidelity-gap novelty (a report column): the predicted gap against the DFT gaps of the nearest labelled
         # composition

@@ -181,11 +181,20 @@ def borrow_forces(frames: pa.Table, pairs: Mapping[str, str] | None) -> pa.Table
         for key, r in zip(keys, rows):
             if r["fidelity"] == low and r["has_forces"] and key not in covered:
                 covered.add(key)
-                out.append(dict(r, fidelity=high, frame_id=f"{r['frame_id']}-forces-as-{high}", has_energy=False,
+                out.append(dict(r, fidelity=high, frame_id=_borrowed_id(r["frame_id"], high), has_energy=False,
                                 energy=None, has_stress=False, stress=None))
     if not out:
         return frames
     return pa.concat_tables([frames, pa.Table.from_pylist(out, schema=frames.schema)])
+
+
+def _borrowed_id(frame_id: str, fidelity: str) -> str:
+    return f"{frame_id}-forces-as-{fidelity}"
+
+
+def is_borrowed(frame_id: str, fidelity: str) -> bool:
+    """Whether a frame of ``fidelity`` is a :func:`borrow_forces` copy (its labels are another fidelity's)."""
+    return frame_id.endswith(_borrowed_id("", fidelity))
 
 
 def structure_groups(structure_keys: Sequence[str], material_ids: Sequence[str | None]) -> list[str]:

@@ -216,13 +216,10 @@ def run_strategy(
     elif strategy == "mf-prior":
         res = run("mf-prior", frames, dataclasses.replace(base, fidelity_prior=cfg.fidelity_prior or MF_PRIOR))
         terms, n = [(res.model, high)], res.steps
-    elif strategy == "mf-gap":
-        res = run("mf-gap", frames, dataclasses.replace(base, gap_pairs={high: low},
+    elif strategy in ("mf-gap", "mf-gap-lf"):
+        lend = {high: low} if strategy == "mf-gap-lf" else cfg.borrow_forces
+        res = run(strategy, frames, dataclasses.replace(base, gap_pairs={high: low}, borrow_forces=lend,
                                                         gap_weight=cfg.gap_weight or GAP_WEIGHT))
-        terms, n = [(res.model, high)], res.steps
-    elif strategy == "mf-gap-lf":
-        res = run("mf-gap-lf", frames, dataclasses.replace(base, gap_pairs={high: low}, borrow_forces={high: low},
-                                                           gap_weight=cfg.gap_weight or GAP_WEIGHT))
         terms, n = [(res.model, high)], res.steps
     elif strategy == "single":
         res = run("single", _only(frames, high), base)

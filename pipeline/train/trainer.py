@@ -53,7 +53,7 @@ from pipeline.model.references import ElementReferences, references_from_frames
 from pipeline.progress import progress as progress_bar
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import distributed as dist_util
-from pipeline.train.data import FrameData, apply_label_policy, borrow_forces, split_by_group
+from pipeline.train.data import FrameData, apply_label_policy, borrow_forces, is_borrowed, split_by_group
 from pipeline.train.evaluation import evaluate
 from pipeline.train.finetune import (
     FREEZE_MODES,
@@ -168,16 +168,12 @@ class TrainConfig:
             raise ValueError(f"fidelity_prior must be a finite number >= 0, got {self.fidelity_prior}")
         if not (self.gap_weight >= 0 and math.isfinite(self.gap_weight)):
             raise ValueError(f"gap_weight must be a finite number >= 0, got {self.gap_weight}")
-        if self.gap_pairs:
-            pairs = {str(k).strip().lower(): str(v).strip().lower() for k, v in self.gap_pairs.items()}
-            if any(k == v for k, v in pairs.items()):
-                raise ValueError(f"a gap pair needs two different fidelities, got {pairs}")
-            object.__setattr__(self, "gap_pairs", pairs)
-        if self.borrow_forces:
-            pairs = {str(k).strip().lower(): str(v).strip().lower() for k, v in self.borrow_forces.items()}
-            if any(k == v for k, v in pairs.items()):
-                raise ValueError(f"borrow_forces needs two different fidelities per pair, got {pairs}")
-            object.__setattr__(self, "borrow_forces", pairs)
+        for name, what in (("gap_pairs", "a gap pair needs"), ("borrow_forces", "borrow_forces needs")):
+            if getattr(self, name):
+                pairs = {str(k).strip().lower(): str(v).strip().lower() for k, v in getattr(self, name).items()}
+                if any(k == v for k, v in pairs.items()):
+                    raise ValueError(f"{what} two different fidelities per pair, got {pairs}")
+                object.__setattr__(self, name, pairs)
         if self.gap_weight and not self.gap_pairs:
             raise ValueError("gap_weight needs gap_pairs (e.g. {'r2scan': 'pbe'}): which fidelities to pair")
         if not 0 <= self.ema_decay < 1:
@@ -270,7 +266,7 @@ def build_model(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig,
     if not train_idx:
         raise ValueError("training split is empty: lower val_fraction or add frames")
     # borrowed forces (cfg.borrow_forces) train, but are not labels of their fidelity to select best.pt on
-    val_idx = [i for i in val_idx if not data.frame_ids[i].endswith(f"-forces-as-{data.fidelity_names[i]}")]
+    val_idx = [i for i in val_idx if not is_borrowed(data.frame_ids[i], data.fidelity_names[i])]
     if references is None:
         references = references_from_frames(frames.take(pa.array(train_idx)))
     for fid, energies in (reference_overrides or {}).items():
