@@ -59,9 +59,16 @@ from pipeline.model.composite import SumPotential
 from pipeline.schema import FRAMES_SCHEMA
 from pipeline.train import TrainConfig, train
 from pipeline.train.finetune import FINETUNE_LR, apply_shift, fit_shift
-from pipeline.train.strategies import STRATEGIES, errors, paired_rows, predict, run_strategy
+from pipeline.train.strategies import (
+    FINETUNE_STRATEGIES,
+    STRATEGIES,
+    errors,
+    paired_rows,
+    predict,
+    run_strategy,
+)
 
-DEFAULT_STRATEGIES = [s for s in STRATEGIES if s != "finetune-mf0"]
+DEFAULT_STRATEGIES = [s for s in STRATEGIES if s not in FINETUNE_STRATEGIES]
 
 #: Adam learning rate of every strategy trained from scratch (cosine decay)
 LR = 5e-3
@@ -174,7 +181,7 @@ def pair_shift_row(base: dict, sub: pa.Table, high: str, low: str, pairs: tuple[
 CHECKPOINT_OF = {"mf": "mf/last.pt", "mf-prior": "mf-prior/last.pt", "mf-gap": "mf-gap/last.pt",
                  "mf-gap-lf": "mf-gap-lf/last.pt", "single": "single/last.pt",
                  "multihead": "multihead/last.pt", "transfer": "finetune/last.pt", "meta": "finetune/last.pt",
-                 "delta": "delta/sum.pt", "finetune-mf0": "finetune-mf0/last.pt"}
+                 "delta": "delta/sum.pt", **{s: f"{s}/last.pt" for s in FINETUNE_STRATEGIES}}
 
 
 def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.Table], out: Path,
@@ -204,7 +211,8 @@ def rescore_gaps(rows: list[dict], frames: pa.Table, pairs: tuple[pa.Table, pa.T
                 r["gap_mae_meV_atom"] = shift_gap_mae(shift, pairs)
                 r["low_mae_meV_atom"] = predicted_low([(model, args.low)], args.low, pairs)
                 continue
-            folder = f"{r['strategy']}-lr{r['lr']:g}" if r["strategy"] == "finetune-mf0" and "lr" in r else r["strategy"]
+            folder = (f"{r['strategy']}-lr{r['lr']:g}" if r["strategy"] in FINETUNE_STRATEGIES and "lr" in r
+                      else r["strategy"])
             path = run_dir / folder / CHECKPOINT_OF[r["strategy"]]
             if not path.exists():
                 continue
@@ -269,8 +277,8 @@ def main() -> None:
     strategies = [s for s in args.strategies.split(",") if s]
     if args.full and "finetune-mf0" not in strategies:
         strategies.append("finetune-mf0")
-    if "finetune-mf0" in strategies and not args.mf0:
-        raise SystemExit("finetune-mf0 needs --mf0 (python -m pipeline.cli import-sevenn --out reports/mf0.pt)")
+    if (need := [s for s in strategies if s in FINETUNE_STRATEGIES]) and not args.mf0:
+        raise SystemExit(f"{', '.join(need)} need --mf0 (python -m pipeline.cli import-sevenn --out reports/mf0.pt)")
     fractions = [float(x) / 100 for x in args.fractions.split(",")]
     mode = "cover" if args.cover_elements else "random"
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -308,7 +316,7 @@ def main() -> None:
         cfg = TrainConfig(batch_size=8, lr=LR, val_fraction=0.0, seed=seed)
         run_dir = out / "runs" / f"p{round(100 * fraction)}-s{seed}"
         for strategy in strategies:
-            ft = strategy == "finetune-mf0"
+            ft = strategy in FINETUNE_STRATEGIES
             steps, lr = (args.mf0_steps or args.steps, args.mf0_lr) if ft else (args.steps, LR)
             if (strategy, fraction, seed, steps, args.preset, data_hash, mode, lr) in done:
                 continue
@@ -414,7 +422,7 @@ def print_table(rows: list[dict], args: argparse.Namespace, data_hash: str) -> N
     mode = "cover" if args.cover_elements else "random"
     rows = [r for r in rows if r["preset"] == args.preset and r.get("subset", "random") == mode
             and r["data_hash"] == data_hash
-            and (r["steps"] in (0, args.steps) if r["strategy"] != "finetune-mf0"
+            and (r["steps"] in (0, args.steps) if r["strategy"] not in FINETUNE_STRATEGIES
                  else (r["steps"], r.get("lr", LR)) == (args.mf0_steps or args.steps, args.mf0_lr))]
     fractions = sorted({r["fraction"] for r in rows})
     names = [s for s in [*STRATEGIES, "pbe+shift", "mf0+shift"] if any(r["strategy"] == s for r in rows)]
@@ -469,10 +477,12 @@ def print_targets(rows: list[dict]) -> None:
                                  and math.isfinite(r.get("forces_mae_meV_A", math.nan))] or [math.nan])
     floor = {f: _mean(rows, "pbe+shift", f, "forces_mae_meV_A") for f in sorted({r["fraction"] for r in rows})}
     floor = {f: v if math.isfinite(v) else any_floor for f, v in floor.items()}
-    bespoke = min((m[s] for s in STRATEGIES if s != "finetune-mf0" and math.isfinite(m[s])), default=math.nan)
+    bespoke = min((m[s] for s in STRATEGIES if s not in FINETUNE_STRATEGIES and math.isfinite(m[s])),
+                  default=math.nan)
     shift_gap = _mean(rows, "pair-shift", 0.1, "gap_mae_meV_atom")
     checks = []
-    for s in ("mf", "mf-gap", "mf-gap-lf"):  # the joint models (mf-gap*: + the paired-gap loss), same yardsticks
+    # the joint models (mf-gap*: + the paired-gap loss; finetune-mf0-gap*: the same on SevenNet-MF-0), same yardsticks
+    for s in ("mf", "mf-gap", "mf-gap-lf", "finetune-mf0-gap", "finetune-mf0-gap-lf"):
         if not math.isfinite(m[s]):
             continue
         checks += [
@@ -487,8 +497,9 @@ def print_targets(rows: list[dict]) -> None:
         for f, b in floor.items():
             if math.isfinite(a := _mean(rows, s, f, "forces_mae_meV_A")):
                 checks.append((f"{s} forces <= PBE-only model's at {round(100 * f)} %", a, b))
-    checks += [("finetune-mf0 < best bespoke strategy", m["finetune-mf0"], bespoke),
-               ("finetune-mf0 < mf0+shift", m["finetune-mf0"], m["mf0+shift"])]
+    for s in FINETUNE_STRATEGIES:
+        if s == "finetune-mf0" or math.isfinite(m[s]):
+            checks += [(f"{s} < best bespoke strategy", m[s], bespoke), (f"{s} < mf0+shift", m[s], m["mf0+shift"])]
     print("\nissue-10 targets (energy MAE meV/atom unless said; seed means at 10 % r2SCAN):")
     for what, a, b in checks:
         verdict = "n/a" if not (math.isfinite(a) and math.isfinite(b)) else ("met" if a <= b else "NOT met")

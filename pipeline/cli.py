@@ -127,7 +127,8 @@ def train_config_from_args(args: argparse.Namespace):
 
     lr = args.lr
     if lr is None:
-        lr = FINETUNE_LR if args.init_from or getattr(args, "strategy", None) == "finetune-mf0" else 5e-3
+        lr = FINETUNE_LR if args.init_from or (getattr(args, "strategy", None) or "").startswith("finetune-mf0") \
+            else 5e-3
     return TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
         device=args.device, label_policy=_parse_pairs(args.labels, "--labels", _labels, expected="FIDELITY=label[,label...]") or None, val_fraction=args.val_fraction,
@@ -453,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="structures per batch (>= 1; default: 8)")
     p.add_argument("--lr", type=float_range(0, 10, low_open=True), default=None,
                    help="learning rate of Adam (> 0; default: 5e-3, or 2e-4 with --init-from or --strategy "
-                        "finetune-mf0, SevenNet's fine-tuning recipe)")
+                        "finetune-mf0*, SevenNet's fine-tuning recipe)")
     p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0, help="random seed (0 .. 2^32-1; default: 0)")
     p.add_argument("--val-fraction", type=float_range(0, 1, high_open=True), default=0.1,
                    help="fraction of structures held out for validation, in [0, 1) (default: 0.1)")
@@ -492,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", default="none", choices=["none", "fidelity"],
                    help="fidelity: train only the fidelity-conditioned linears and the readout")
     p.add_argument("--strategy", default=None, choices=["mf", "mf-prior", "mf-gap", "mf-gap-lf", "single", "transfer",
-                                                        "delta", "multihead", "meta", "finetune-mf0"],
+                                                        "delta", "multihead", "meta", "finetune-mf0",
+                                                        "finetune-mf0-gap", "finetune-mf0-gap-lf"],
                    help="multi-fidelity strategy (matched steps over all stages; see pipeline.train.strategies)")
     p.add_argument("--high", default=None, help="--strategy: the high (target) fidelity, e.g. gpaw-r2scan")
     p.add_argument("--low", default=None, help="--strategy: the low fidelity, e.g. gpaw-pbe")

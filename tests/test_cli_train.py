@@ -59,10 +59,16 @@ def test_fine_tuning_defaults_to_sevenn_fine_tuning_lr(frames_dir, tmp_path):
     SevenNet's fine-tuning rate; an explicit --lr always wins."""
     from pipeline.cli import build_parser, train_config_from_args
     from pipeline.train.finetune import FINETUNE_LR
+    from pipeline.train.strategies import FINETUNE_STRATEGIES, STRATEGIES
 
     parser = build_parser()
     base = ["train", "--frames", str(frames_dir), "--out", str(tmp_path)]
     assert train_config_from_args(parser.parse_args(base)).lr == 5e-3
     assert train_config_from_args(parser.parse_args([*base, "--init-from", "c.pt"])).lr == FINETUNE_LR == 2e-4
-    assert train_config_from_args(parser.parse_args([*base, "--strategy", "finetune-mf0"])).lr == FINETUNE_LR
+    for s in FINETUNE_STRATEGIES:
+        assert train_config_from_args(parser.parse_args([*base, "--strategy", s])).lr == FINETUNE_LR
+    # every strategy of the harness can be asked for by name
+    strategy = next(a for a in parser._subparsers._group_actions[0].choices["train"]._actions
+                    if a.dest == "strategy")
+    assert tuple(strategy.choices) == STRATEGIES
     assert train_config_from_args(parser.parse_args([*base, "--init-from", "c.pt", "--lr", "1e-3"])).lr == 1e-3

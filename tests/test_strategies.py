@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -9,7 +11,14 @@ import torch
 
 from pipeline.model import preset
 from pipeline.train import TrainConfig, train
-from pipeline.train.strategies import STRATEGIES, delta_frames, errors, predict, run_strategy
+from pipeline.train.strategies import (
+    FINETUNE_STRATEGIES,
+    STRATEGIES,
+    delta_frames,
+    errors,
+    predict,
+    run_strategy,
+)
 
 torch.set_num_threads(1)
 
@@ -34,7 +43,7 @@ def test_delta_frames_pair_structures(frames):
 def test_strategy_smoke(strategy, frames, tmp_path):
     cfg = TrainConfig(batch_size=4, lr=5e-3, val_fraction=0.0, seed=1)
     init = None
-    if strategy == "finetune-mf0":  # a stand-in for the imported SevenNet-MF-0: fidelities pbe + r2scan
+    if strategy in FINETUNE_STRATEGIES:  # a stand-in for the imported SevenNet-MF-0: fidelities pbe + r2scan
         fid = ["pbe" if f == "lo" else "r2scan" for f in frames.column("fidelity").to_pylist()]
         named = frames.set_column(frames.schema.get_field_index("fidelity"), "fidelity", pa.array(fid))
         init = str(train(named, preset("small"), TrainConfig(max_steps=1, val_fraction=0.0), tmp_path / "mf0",
@@ -46,8 +55,11 @@ def test_strategy_smoke(strategy, frames, tmp_path):
     err = errors(predict(res.terms, test), test)
     assert np.isfinite(err["energy_mae_meV_atom"]) and np.isfinite(err["forces_mae_meV_A"])
     assert all(p.exists() for p in res.checkpoints.values())
-    if strategy == "finetune-mf0":
+    if strategy in FINETUNE_STRATEGIES:
         assert res.terms[0][0].fidelities == ("pbe", "r2scan", "lo", "hi")
+    if "-gap" in strategy:  # the paired-gap loss trained (mf-gap*, finetune-mf0-gap*)
+        history = json.loads((res.checkpoint.parent / "metrics.json").read_text())["history"]
+        assert "train_gap" in history[-1], history[-1]
     # the one checkpoint a user evaluates predicts what the harness scored (delta: low model + delta model)
     from pipeline.model import load_checkpoint
     from pipeline.train.evaluation import evaluate_frames

@@ -25,6 +25,9 @@ stages of the two-stage strategies) on the same frames and split.
                then fine-tuning on the high fidelity (the rest)
 ``finetune-mf0`` a pretrained checkpoint (the imported SevenNet-MF-0) fine-tuned on all fidelities, the data's
                fidelities added as new ones started from the checkpoint's (``pbe`` / ``r2scan``)
+``finetune-mf0-gap``, ``finetune-mf0-gap-lf``: ``finetune-mf0`` with the paired-gap loss of ``mf-gap`` (and the
+               borrowed forces of ``mf-gap-lf``): the pretrained model's surface, told how high - low depends on
+               structure
 =============  =====================================================================================================
 
 Every strategy returns a :class:`StrategyResult` whose ``terms`` are (model, fidelity) pairs summed at
@@ -58,9 +61,13 @@ from pipeline.train.evaluation import predict
 from pipeline.train.losses import loss_terms, total_loss
 from pipeline.train.trainer import TrainConfig, build_model, train
 
-__all__ = ["STRATEGIES", "StrategyResult", "delta_frames", "paired_rows", "predict", "run_strategy"]
+__all__ = ["FINETUNE_STRATEGIES", "STRATEGIES", "StrategyResult", "delta_frames", "paired_rows", "predict", "run_strategy"]
 
-STRATEGIES = ("mf", "mf-prior", "mf-gap", "mf-gap-lf", "single", "transfer", "delta", "multihead", "meta", "finetune-mf0")
+STRATEGIES = ("mf", "mf-prior", "mf-gap", "mf-gap-lf", "single", "transfer", "delta", "multihead", "meta",
+              "finetune-mf0", "finetune-mf0-gap", "finetune-mf0-gap-lf")
+
+#: the fine-tuning strategies (start from ``init_from``, the imported SevenNet-MF-0)
+FINETUNE_STRATEGIES = tuple(s for s in STRATEGIES if s.startswith("finetune-mf0"))
 
 #: ``fidelity_prior`` of the ``mf-prior`` strategy when the config has none (on data/sisn at 10 % r2SCAN, 300
 #: steps, 3 seeds: 0.01, 0.1 and 1 gave 115, 113 and 112 meV/atom against plain mf's 135; trained to convergence,
@@ -176,6 +183,12 @@ def _reptile(frames: pa.Table, model_config: ModelConfig, cfg: TrainConfig, step
     return path, done
 
 
+def _with_gap(cfg: TrainConfig, strategy: str, high: str, low: str) -> TrainConfig:
+    """``cfg`` with the paired-gap loss on (high, low) and, for the ``-lf`` strategies, low forces lent to high."""
+    lend = {high: low} if strategy.endswith("-gap-lf") else cfg.borrow_forces
+    return dataclasses.replace(cfg, gap_pairs={high: low}, borrow_forces=lend, gap_weight=cfg.gap_weight or GAP_WEIGHT)
+
+
 def run_strategy(
     strategy: str,
     frames: pa.Table,
@@ -217,9 +230,7 @@ def run_strategy(
         res = run("mf-prior", frames, dataclasses.replace(base, fidelity_prior=cfg.fidelity_prior or MF_PRIOR))
         terms, n = [(res.model, high)], res.steps
     elif strategy in ("mf-gap", "mf-gap-lf"):
-        lend = {high: low} if strategy == "mf-gap-lf" else cfg.borrow_forces
-        res = run(strategy, frames, dataclasses.replace(base, gap_pairs={high: low}, borrow_forces=lend,
-                                                        gap_weight=cfg.gap_weight or GAP_WEIGHT))
+        res = run(strategy, frames, _with_gap(base, strategy, high, low))
         terms, n = [(res.model, high)], res.steps
     elif strategy == "single":
         res = run("single", _only(frames, high), base)
@@ -245,13 +256,14 @@ def run_strategy(
         res = run("finetune", _only(frames, high), dataclasses.replace(
             base, max_steps=max(steps - done, 1), init_from=str(path)))
         terms, n = [(res.model, high)], done + res.steps
-    else:  # finetune-mf0
+    else:  # finetune-mf0, finetune-mf0-gap, finetune-mf0-gap-lf
         if not init_from:
-            raise ValueError("finetune-mf0 needs init_from: a checkpoint from `mfhull import-sevenn --out FILE`")
+            raise ValueError(f"{strategy} needs init_from: a checkpoint from `mfhull import-sevenn --out FILE`")
         sources = dict(mf0_sources or {})
         for fid, src in ((low, "pbe"), (high, "r2scan")):
             sources.setdefault(fid, MF0_SOURCES.get(fid, src))
-        res = run("finetune-mf0", frames, dataclasses.replace(base, init_from=init_from, new_fidelities={
+        ft = base if strategy == "finetune-mf0" else _with_gap(base, strategy, high, low)
+        res = run(strategy, frames, dataclasses.replace(ft, init_from=init_from, new_fidelities={
             k: v for k, v in sources.items() if k in have and k != v}))
         terms, n = [(res.model, high)], res.steps
     final = ckpts["sum"] if strategy == "delta" else res.last
