@@ -8,8 +8,9 @@ Data: ``<data>/frames`` (training; both fidelities) and ``<data>/test_frames`` (
 are the test set). Fraction p: share of the training structures labelled at ``--high`` that keep that label
 (at least one; chosen per seed, the same subset for every strategy); low-fidelity frames are all kept.
 Every strategy gets ``--steps`` optimizer steps in all (:mod:`pipeline.train.strategies`), model preset
-``--preset`` (default ``mf-bench``: 32 channels, lmax 2, 3 layers), batch 8, Adam 5e-3 with cosine decay;
-``finetune-mf0`` gets ``--mf0-steps`` steps at ``--mf0-lr`` (default 2e-4, SevenNet's own fine-tuning recipe).
+``--preset`` (default ``mf-bench``: 32 channels, lmax 2, 3 layers), batch 8, Adam 5e-3 with cosine decay; the
+``finetune-mf0*`` strategies get ``--mf0-steps`` steps at ``--mf0-lr`` (default 2e-4, SevenNet's own fine-tuning
+recipe).
 
 Floors, same subsets: ``pbe+shift`` = a model trained on the low fidelity only (``--steps`` steps) plus a
 per-element shift fitted on the kept high-fidelity energies (the joint reference fit of
@@ -29,8 +30,8 @@ Results are appended to ``<out>/results.jsonl`` (one line per run, keyed by stra
 preset and data hash): re-running skips what is done, so the grid can grow across sessions. The default grid
 (7 strategies + floors, 4 fractions, 3 seeds, 100 steps; 8 strategies since mf-gap, not re-timed) was sized for
 ~45 min on a quiet 2-core machine (far from converged: on data/sisn the ranking settles near 3000 steps, see README);
-``--full`` adds ``finetune-mf0`` (needs ``--mf0``; on data/sisn 100 steps of batch 8 took 26-45 s here, one
-thread, load ~3).
+``--full`` adds ``finetune-mf0``, ``finetune-mf0-gap`` and ``finetune-mf0-gap-lf`` (need ``--mf0``; on data/sisn
+100 steps of ``finetune-mf0`` at batch 8 took 26-45 s here, one thread, load ~3).
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def main() -> None:
     ap.add_argument("--mf0-steps", type=int, default=None, help="step budget of finetune-mf0 (default --steps)")
     ap.add_argument("--mf0-lr", type=float, default=MF0_LR,
                     help=f"learning rate of finetune-mf0 (default {MF0_LR:g}, SevenNet's MF fine-tuning preset)")
-    ap.add_argument("--full", action="store_true", help="also finetune-mf0")
+    ap.add_argument("--full", action="store_true", help="also the finetune-mf0 strategies (finetune-mf0, -gap, -gap-lf)")
     ap.add_argument("--no-floors", action="store_true")
     ap.add_argument("--cover-elements", action="store_true",
                     help="kept high-fidelity structures include every element (see subset()); rows are marked "
@@ -275,8 +276,8 @@ def main() -> None:
     data_hash = frames_hash(frames)
     pairs = test_pairs(test_all, args.high, args.low)
     strategies = [s for s in args.strategies.split(",") if s]
-    if args.full and "finetune-mf0" not in strategies:
-        strategies.append("finetune-mf0")
+    if args.full:
+        strategies += [s for s in FINETUNE_STRATEGIES if s not in strategies]
     if (need := [s for s in strategies if s in FINETUNE_STRATEGIES]) and not args.mf0:
         raise SystemExit(f"{', '.join(need)} need --mf0 (python -m pipeline.cli import-sevenn --out reports/mf0.pt)")
     fractions = [float(x) / 100 for x in args.fractions.split(",")]
